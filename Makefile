@@ -1,0 +1,28 @@
+# The two commands of the README: `make install` then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test test-slow lint format quickstart
+
+install:  ## create .venv and install reidreg with its dev tools (torch + torchvision resolved together)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+test:  ## the fast suite (slow tests are marked and excluded)
+	$(BIN)/python -m pytest -q
+
+test-slow:  ## only the slow tests (end-to-end runs that take minutes)
+	$(BIN)/python -m pytest -q -m slow
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+quickstart:  ## the README's first example
+	$(BIN)/python -m reidreg.train experiment=quickstart
