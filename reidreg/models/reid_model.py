@@ -84,7 +84,7 @@ class ReIDModel(nn.Module):
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, *, flip: bool = True) -> torch.Tensor:
-        """Retrieval feature: ``embed`` averaged with that of the horizontally flipped image (official code)."""
+        """Retrieval feature: ``embed`` averaged with that of the flipped image (official code)."""
         features = self.embed(images)
         if flip:
             features = (features + self.embed(images.flip(dims=[3]))) / 2

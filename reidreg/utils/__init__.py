@@ -1,0 +1,1 @@
+"""Small shared helpers: command-line error reporting, config resolvers, loggers."""
