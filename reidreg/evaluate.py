@@ -15,7 +15,6 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -26,7 +25,7 @@ from reidreg.evaluation.visualize import save_ranked_lists
 from reidreg.models import ReIDModel
 from reidreg.training.module import REPORTED_METRICS
 from reidreg.utils.cli import print_metrics_table, run_cli
-from reidreg.utils.config import register_resolvers
+from reidreg.utils.config import instantiate, register_resolvers
 
 register_resolvers()
 

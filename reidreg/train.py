@@ -14,14 +14,13 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reidreg.errors import ConfigError
 from reidreg.regularizers import build_regularizers
 from reidreg.training.module import REPORTED_METRICS, ReIDModule
 from reidreg.utils.cli import print_metrics_table, run_cli
-from reidreg.utils.config import register_resolvers
+from reidreg.utils.config import instantiate, register_resolvers
 from reidreg.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
@@ -56,16 +55,21 @@ def build_module(cfg: DictConfig, num_classes: int, run_dir: Path) -> ReIDModule
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, *, validate: bool) -> pl.Trainer:
-    callbacks: list[pl.Callback] = [
-        pl.callbacks.ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="best" if validate else "epoch{epoch:03d}",
-            monitor=cfg.checkpoint.monitor if validate else None,
+    checkpoints = run_dir / "checkpoints"
+    # "last" is written at every epoch end (the resume point); "best" only when the validation mAP improves.
+    last = pl.callbacks.ModelCheckpoint(
+        dirpath=checkpoints, filename="last", save_on_train_epoch_end=True, enable_version_counter=False
+    )
+    callbacks: list[pl.Callback] = [last]
+    if validate:
+        best = pl.callbacks.ModelCheckpoint(
+            dirpath=checkpoints,
+            filename="best",
+            monitor=cfg.checkpoint.monitor,
             mode="max",
-            save_last=cfg.checkpoint.save_last,
-            auto_insert_metric_name=False,
-        ),
-    ]
+            enable_version_counter=False,
+        )
+        callbacks.insert(0, best)  # first: trainer.checkpoint_callback is the "best" one
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(pl.callbacks.RichProgressBar(leave=True))
     overrides: dict[str, Any] = {} if validate else {"limit_val_batches": 0}
@@ -89,8 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     results: dict[str, float] = {}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if datamodule.has_validation else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        results = module.test_results
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
         if trainer.is_global_zero:
             checkpoint = best or "final weights (no validation hold-out)"
             (run_dir / "test_metrics.json").write_text(

@@ -92,6 +92,8 @@ def test_ddp_two_processes_give_the_same_test_metrics_as_one(tmp_path, tiny_conf
             devices=devices,
             strategy=strategy,
             logger=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
             enable_progress_bar=False,
             enable_model_summary=False,
             use_distributed_sampler=False,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hydra.utils import instantiate
 from torch import nn
 
 from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
+from reidreg.utils.config import instantiate
 
 __all__ = ["LogDict", "Regularizer", "TrainStep", "build_regularizers"]
 

@@ -61,7 +61,7 @@ class ReIDModule(pl.LightningModule):
         self.run_dir = Path(run_dir)
         self.val_metric = ReIDMetric(metric=eval_metric)
         self.test_metric = ReIDMetric(metric=eval_metric, rerank=rerank_test)
-        self.test_results: dict[str, float] = {}
+        self._pending_logs: dict[str, float | torch.Tensor] = {}  # this step's logs, see _flush_logs
         # The resolved run config, stored in every checkpoint so that `reidreg.evaluate` can rebuild the run.
         self.run_config: dict[str, Any] | None = None
         for regularizer in self.regularizers.values():
@@ -104,15 +104,19 @@ class ReIDModule(pl.LightningModule):
         self.log("train/lr", lr, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._pending_logs = {}
         for regularizer in self.regularizers.values():
             regularizer.on_train_batch_start(self, batch_idx)
         for regularizer in self.regularizers.values():
             logs = regularizer.training_step(self, batch, batch_idx)
             if logs is not None:  # this regularizer runs its own procedure for this step (LinR)
                 self.log_regularizer(regularizer.name, logs)
+                self._flush_logs()
                 return
+        self._standard_step(*batch)
+        self._flush_logs()
 
-        images, labels = batch
+    def _standard_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         for regularizer in self.regularizers.values():
             images, logs = regularizer.prepare_inputs(self, images, labels)
             self.log_regularizer(regularizer.name, logs)
@@ -135,10 +139,10 @@ class ReIDModule(pl.LightningModule):
             self.log_regularizer(regularizer.name, terms)
         self.optimize(loss, self.main_optimizer)
 
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log_dict(
-            {f"train/{name}": value.detach() for name, value in task_losses.items() if name != "total"}
-        )
+        self._pending_logs["train/loss"] = loss.detach()
+        for name, value in task_losses.items():
+            if name != "total":
+                self._pending_logs[f"train/{name}"] = value.detach()
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
@@ -150,13 +154,12 @@ class ReIDModule(pl.LightningModule):
         images, pids, camids, is_query = batch
         metric.update(self.model.extract_features(images, flip=self.flip_test), pids, camids, is_query)
 
-    def _evaluation_end(self, metric: ReIDMetric, prefix: str) -> dict[str, float]:
+    def _evaluation_end(self, metric: ReIDMetric, prefix: str) -> None:
         results = metric.compute()
         metric.reset()
         scalars = {f"{prefix}/{key}": float(results[key]) for key in REPORTED_METRICS}
         # Already gathered over ranks by the metric: identical on every rank, no further reduction.
         self.log_dict(scalars, sync_dist=False)
-        return scalars
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(self.val_metric, batch)
@@ -168,7 +171,7 @@ class ReIDModule(pl.LightningModule):
         self._evaluation_step(self.test_metric, batch)
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._evaluation_end(self.test_metric, "test")
+        self._evaluation_end(self.test_metric, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
@@ -176,10 +179,20 @@ class ReIDModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ logging helpers
     def log_regularizer(self, name: str, values: LogDict) -> None:
-        """Log a regularizer's values as ``reg/<name>/<key>`` (per step)."""
+        """Log a regularizer's values as ``reg/<name>/<key>`` at the end of the current step."""
         for key, value in values.items():
-            value = value.detach() if isinstance(value, torch.Tensor) else value
-            self.log(f"reg/{name}/{key}", value, on_step=True, on_epoch=False)
+            self._pending_logs[f"reg/{name}/{key}"] = (
+                value.detach() if isinstance(value, torch.Tensor) else value
+            )
+
+    def _flush_logs(self) -> None:
+        # Everything a step logs is logged once, from training_step: Lightning resets a batch's earlier
+        # training_step logs when another hook (on_before_optimizer_step) logs in between.
+        loss = self._pending_logs.pop("train/loss", None)
+        if loss is not None:
+            self.log("train/loss", loss, prog_bar=True)
+        if self._pending_logs:
+            self.log_dict(self._pending_logs, on_step=True, on_epoch=False)
 
     def log_image(self, key: str, path: Path) -> None:
         """Send an image file to the loggers that take images (W&B); the file itself stays in the run dir."""

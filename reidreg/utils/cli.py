@@ -18,15 +18,6 @@ def run_cli(task: Callable[[Any], Any], cfg: Any) -> Any:
     except (ReIDRegError, OmegaConfBaseException) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except Exception as error:
-        # Hydra's instantiate wraps errors raised in constructors; unwrap ours to report them cleanly.
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, ReIDRegError):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
 
 
 def print_metrics_table(title: str, metrics: Mapping[str, float], keys: Iterable[str]) -> None:

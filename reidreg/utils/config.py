@@ -1,8 +1,14 @@
-"""OmegaConf resolvers used by the configs in conf/."""
+"""Config helpers: OmegaConf resolvers used by conf/ and a Hydra ``instantiate`` with clear errors."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import hydra.utils
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+
+from reidreg.errors import ReIDRegError
 
 
 def regularizer_name(regularizers: DictConfig | dict | None) -> str:
@@ -14,3 +20,21 @@ def regularizer_name(regularizers: DictConfig | dict | None) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("regularizer_name"):
         OmegaConf.register_new_resolver("regularizer_name", regularizer_name)
+
+
+def instantiate(config: Any, /, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our own input errors through unwrapped.
+
+    Hydra wraps any constructor error in an ``InstantiationException``; a ``ReIDRegError`` (bad dataset
+    folder, unknown backbone, missing weights file, ...) is re-raised as itself so that it reads as one
+    clear message.
+    """
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, ReIDRegError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None

@@ -12,9 +12,10 @@ import netrc
 import os
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
+
+from reidreg.utils.config import instantiate
 
 log = logging.getLogger(__name__)
 
