@@ -1,0 +1,79 @@
+"""Constant L2 regularization (paper 000 eq. 3; Table III, last row): one hand-picked λ for every tensor.
+
+``mode="coupled"`` (official code): the penalty λ Σₙ ‖wₙ‖² is *added to the loss*, so under Adam its
+gradient 2λw is rescaled per coordinate like any other gradient. The optimizer's own weight decay must
+be 0 (``replaces_weight_decay``), so nothing is counted twice.
+
+``mode="decoupled"`` (our option, for comparison): AdamW-style decoupled weight decay (Loshchilov &
+Hutter). No loss term; before each optimizer step every covered tensor of the optimizer's param groups
+that has a gradient is shrunk as ``w ← w − lr·λ·w`` with its group's current lr, exactly as
+``torch.optim.AdamW(weight_decay=λ)`` does, so Adam(weight_decay=0) + this mode == AdamW step for step.
+Note that λ means different things in the two modes (λ = 0.005 is the coupled value of the paper), and
+that under AMP a step skipped for inf/NaN gradients is still decayed (AdamW would skip it).
+
+The penalty value λ Σₙ ‖wₙ‖² is logged in both modes (``reg/<name>/penalty``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
+from reidreg.regularizers.l2_targets import l2_targets, resolve_parameters, squared_norms
+
+if TYPE_CHECKING:
+    from reidreg.training.module import ReIDModule
+
+
+class ConstantL2(Regularizer):
+    """λ Σₙ ‖wₙ‖² over the tensors of ``categories`` (default: all), coupled (in the loss) or decoupled."""
+
+    replaces_weight_decay = True
+
+    def __init__(
+        self,
+        *,
+        lam: float = 0.005,
+        categories: Sequence[str] | None = None,
+        mode: Literal["coupled", "decoupled"] = "coupled",
+    ) -> None:
+        super().__init__()
+        if mode not in ("coupled", "decoupled"):
+            raise ValueError(f"ConstantL2 mode must be 'coupled' or 'decoupled', got {mode!r}")
+        if lam < 0:
+            raise ValueError(f"ConstantL2 lam must be >= 0, got {lam}")
+        self.lam, self.mode = float(lam), mode
+        self.categories = None if categories is None else list(categories)
+        self.target_names: list[str] = []
+        self.target_categories: list[str] = []
+
+    def attach(self, module: ReIDModule) -> None:
+        targets = l2_targets(module.model, self.categories)
+        self.target_names = [target.name for target in targets]
+        self.target_categories = [target.category for target in targets]
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        """λ Σₙ ‖wₙ‖² (eq. 3), differentiable in the weights."""
+        return self.lam * squared_norms(resolve_parameters(model, self.target_names)).sum()
+
+    def loss_terms(self, step: TrainStep) -> dict[str, torch.Tensor]:
+        return {"penalty": self.penalty(step.model)} if self.mode == "coupled" else {}
+
+    def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
+        if self.mode == "coupled":
+            return {}
+        with torch.no_grad():
+            logs: LogDict = {"penalty": self.penalty(module.model)}
+            covered = {id(p) for p in resolve_parameters(module.model, self.target_names)}
+            for group in optimizer.param_groups:
+                # AdamW decays only the tensors it updates: those with a gradient (frozen ones are kept).
+                decayed = [p for p in group["params"] if p.grad is not None and id(p) in covered]
+                if decayed:
+                    torch._foreach_mul_(decayed, 1 - group["lr"] * self.lam)
+        return logs
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lam={self.lam}, mode={self.mode!r}, tensors={len(self.target_names)}"
