@@ -186,13 +186,18 @@ class ReIDModule(pl.LightningModule):
             )
 
     def _flush_logs(self) -> None:
-        # Everything a step logs is logged once, from training_step: Lightning resets a batch's earlier
-        # training_step logs when another hook (on_before_optimizer_step) logs in between.
-        loss = self._pending_logs.pop("train/loss", None)
-        if loss is not None:
-            self.log("train/loss", loss, prog_bar=True)
-        if self._pending_logs:
-            self.log_dict(self._pending_logs, on_step=True, on_epoch=False)
+        """Write this step's values straight to the loggers, every ``trainer.log_every_n_steps`` steps.
+
+        Not through ``self.log``: Lightning re-emits the last value of a key at steps that did not log it
+        (misleading for a gated or phase-dependent term), and resets a batch's earlier logs when another
+        hook (``on_before_optimizer_step``) logs in between.
+        """
+        values = {k: float(v) for k, v in self._pending_logs.items()}
+        if "train/loss" in values:
+            self.log("train/loss", values["train/loss"], prog_bar=True, logger=False)
+        if self.global_step % self.trainer.log_every_n_steps == 0 and values:
+            for logger in self.loggers:
+                logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step - 1)
 
     def log_image(self, key: str, path: Path) -> None:
         """Send an image file to the loggers that take images (W&B); the file itself stays in the run dir."""

@@ -1,0 +1,308 @@
+"""LinR — Linear Regularization refinement (paper 003 §3, Algorithm 1; METHODS.md §5).
+
+A trained model is refined for ``T`` rounds; each round is ``N_cls`` steps of the classification loss
+(Algorithm 1 line 5, eq. 8) followed by ``N_LinR`` steps of the LinR loss (line 6), each phase with its own
+SGD optimizer (§4.2: classification lr 3e-4, momentum 0.9, weight decay 5e-4; LinR lr 1e-2 or 1e-3,
+momentum 0.9, no weight decay). The LinR loss asks the network to be linear in its input (eqs. 3–7)::
+
+    a ~ Beta(α, α), α = 0.75, b = 1 − a;  x, y two different images of the batch
+    P1 = softmax f(a·x + b·y)                               (eq. 5)
+    P2 = a·softmax f(x) + b·softmax f(y),  stop-gradient    (eq. 6, "detach" in §3.1)
+    L_LinR = KL(P1 ‖ P2) = Σ_c P1_c log(P1_c / P2_c)        (eqs. 4, 7)
+
+Variants (``variant``):
+
+- ``linr``   — the above, with the classification phase (paper §3.2).
+- ``linrc``  — eq. 9: ``mask = P2 > 1/NC``; the sum of eq. 7 runs over the kept classes only, with P1 and
+  P2 *not* renormalised ("only calculate loss over the selected logits"), so the value may be negative.
+  NC = number of training identities; ReID has hundreds, the case the paper made LinRC for (ImageNet).
+- ``linrnl`` — "remove line 5 in Algorithm 1": LinR steps only, no labels used (``cls_steps`` is ignored).
+- ``linrnm`` — eq. 10, no mix: ``L = KL(softmax f(a·x) ‖ a·softmax f(x))`` implemented literally. As
+  ``a·softmax f(x)`` sums to ``a``, this equals ``KL(softmax f(a·x) ‖ softmax f(x)) − log a``: same
+  gradient as the normalised KL, value offset by the constant ``−log a ≥ 0``.
+
+For ReID, ``f`` is the identity classifier of every objective module (its logits); the KL is averaged over
+the pairs of the batch and *summed* over objective modules, as the task loss sums its per-module terms.
+
+Choices where the paper is silent (ours):
+
+- pairs: every image is mixed with one *other* image of the same batch (a random single-cycle
+  permutation, so never with itself — "two different images"); one ``a`` per batch, as in mixup [38]
+  whose mix operation LinR borrows (§2). ``a`` is logged. Both are drawn from a generator seeded with
+  ``(seed, step)``, so that a resumed run draws the same ones.
+- ``f(x)`` and ``f(y)`` come from one no-grad forward pass of the batch in train mode (BatchNorm uses
+  batch statistics, as for every training forward pass; running statistics are updated by it and by the
+  mixed pass); ``f(y)`` is that output permuted, which equals a forward pass of the permuted batch.
+- classification loss: ``cls_loss: task`` (default) is the baseline's ReID loss (label-smoothed CE +
+  triplet), ``ce`` only the label-smoothed CE of every module (eq. 8 with smoothed targets).
+- after ``T`` rounds (Algorithm 1 line 8, "return θ") the regularizer asks the Trainer to stop (the
+  epoch's validation and checkpointing still run); a run that ends before that warns. As in every run,
+  the test uses the checkpoint chosen on validation — with ``start_epoch`` that may predate refinement.
+
+Start: from a reidreg checkpoint (``init_from``: its ``model.*`` weights are loaded in ``attach``), or at
+the start of epoch ``start_epoch`` (0-based) of the current run after standard training; with neither,
+refinement starts at step 0 from the weights the network was built with. The paper's **"sweet point"**
+(§4.8, Figs. 4–5): refining a model trained for too few epochs only fluctuates around its baseline (or
+helps in the first refining epoch only); after the sweet-point epoch every refinement beats the baseline.
+So start from a converged model or at a late ``start_epoch``.
+
+While LinR runs, the main (Adam) optimizer is not stepped; its per-epoch learning-rate schedule still
+advances, which has no effect on LinR. Round, phase and random draws are functions of ``steps_done`` (a
+buffer saved in checkpoints), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reidreg.errors import ConfigError
+from reidreg.models import HeadOutput
+from reidreg.regularizers.base import LogDict, Regularizer
+
+if TYPE_CHECKING:
+    from reidreg.training.module import ReIDModule
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("linr", "linrc", "linrnl", "linrnm")
+CLASSIFICATION_PHASE, LINR_PHASE = 0, 1
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+def random_partner(batch_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Index of the image each image is mixed with: a random single-cycle permutation (no fixed point)."""
+    if batch_size < 2:
+        raise ValueError(f"LinR mixes two different images: batch size must be >= 2, got {batch_size}")
+    order = torch.from_numpy(rng.permutation(batch_size))
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(-1)  # order[i] is mixed with order[i + 1], the last with the first
+    return partner
+
+
+def mixed_pair_kl(
+    mixed_logits: torch.Tensor,
+    logits_x: torch.Tensor,
+    logits_y: torch.Tensor,
+    a: float,
+    *,
+    confident_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair KL(P1 ‖ P2) of eqs. 4–7 (P2 detached) and the summed classes (all / eq. 9).
+
+    ``mixed_logits = f(a·x + b·y)``, ``logits_x = f(x)``, ``logits_y = f(y)``, all (B, NC). Computed in log
+    space: log P2 = logsumexp(log a + log softmax f(x), log b + log softmax f(y)).
+    """
+    log_p1 = F.log_softmax(mixed_logits.float(), dim=1)
+    log_weights = torch.tensor([a, 1.0 - a], device=mixed_logits.device).log()  # b = 0 gives -inf: fine
+    log_components = torch.stack([F.log_softmax(z.detach().float(), dim=1) for z in (logits_x, logits_y)])
+    log_p2 = torch.logsumexp(log_weights[:, None, None] + log_components, dim=0)
+    num_classes = mixed_logits.shape[1]
+    keep = log_p2.exp() > 1.0 / num_classes if confident_only else torch.ones_like(log_p1, dtype=torch.bool)
+    terms = log_p1.exp() * (log_p1 - log_p2)
+    return torch.where(keep, terms, torch.zeros_like(terms)).sum(dim=1), keep
+
+
+def scaled_input_kl(scaled_logits: torch.Tensor, logits_x: torch.Tensor, a: float) -> torch.Tensor:
+    """Per-image KL(softmax f(a·x) ‖ a·softmax f(x)) of eq. 10, literally (the second argument detached)."""
+    log_p1 = F.log_softmax(scaled_logits.float(), dim=1)
+    log_target = math.log(a) + F.log_softmax(logits_x.detach().float(), dim=1)
+    return (log_p1.exp() * (log_p1 - log_target)).sum(dim=1)
+
+
+class LinR(Regularizer):
+    """Refinement by alternating classification and LinR phases (Algorithm 1); see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        rounds: int = 3,
+        cls_steps: int = 200,
+        linr_steps: int = 200,
+        alpha: float = 0.75,
+        variant: str = "linr",
+        cls_loss: str = "task",
+        cls_optimizer: OptimizerFactory | None = None,
+        linr_optimizer: OptimizerFactory | None = None,
+        init_from: str | None = None,
+        start_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ConfigError(f"regularizer.linr.variant must be one of {VARIANTS}, got {variant!r}")
+        if cls_loss not in ("task", "ce"):
+            raise ConfigError(f"regularizer.linr.cls_loss must be 'task' or 'ce', got {cls_loss!r}")
+        if init_from is not None and start_epoch is not None:
+            raise ConfigError(
+                "regularizer.linr: set init_from (refine a checkpoint) or start_epoch (refine within this "
+                f"run), not both (got init_from={init_from!r}, start_epoch={start_epoch})"
+            )
+        if rounds < 1 or linr_steps < 1 or cls_steps < 0 or alpha <= 0:
+            raise ConfigError(
+                "regularizer.linr needs rounds >= 1, linr_steps >= 1, cls_steps >= 0 and alpha > 0, got "
+                f"rounds={rounds}, linr_steps={linr_steps}, cls_steps={cls_steps}, alpha={alpha}"
+            )
+        if start_epoch is not None and start_epoch < 0:
+            raise ConfigError(f"regularizer.linr.start_epoch must be >= 0, got {start_epoch}")
+        self.rounds, self.linr_steps, self.alpha = rounds, linr_steps, alpha
+        self.cls_steps = 0 if variant == "linrnl" else cls_steps  # LinRNL: no classification phase
+        self.variant, self.cls_loss = variant, cls_loss
+        self.init_from, self.start_epoch, self.seed = init_from, start_epoch, seed
+        # Paper §4.2 values when built from Python without a config.
+        self.cls_optimizer_factory = cls_optimizer or functools.partial(
+            torch.optim.SGD, lr=3e-4, momentum=0.9, weight_decay=5e-4
+        )
+        self.linr_optimizer_factory = linr_optimizer or functools.partial(
+            torch.optim.SGD, lr=1e-2, momentum=0.9, weight_decay=0.0
+        )
+        # [classification, LinR], created by extra_optimizers (Lightning then checkpoints them).
+        self.phase_optimizers: list[torch.optim.Optimizer] = []
+        # LinR steps done so far (both phases); a buffer so that checkpoints save it and resume is exact.
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * (self.cls_steps + self.linr_steps)
+
+    def phase_of(self, step: int) -> tuple[int, int]:
+        """(round t, phase) of the ``step``-th refinement step (0-based), Algorithm 1 lines 3–6."""
+        round_index, within = divmod(step, self.cls_steps + self.linr_steps)
+        return round_index, CLASSIFICATION_PHASE if within < self.cls_steps else LINR_PHASE
+
+    def is_active(self, module: ReIDModule) -> bool:
+        return self.start_epoch is None or module.current_epoch >= self.start_epoch
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, module: ReIDModule) -> None:
+        refine_from_epoch = self.start_epoch or 0
+        if refine_from_epoch < module.freeze_backbone_epochs:
+            raise ConfigError(
+                f"regularizer.linr refines the whole network from epoch {refine_from_epoch}, but "
+                f"freeze_backbone_epochs={module.freeze_backbone_epochs} freezes the backbone until then; "
+                "set freeze_backbone_epochs=0 (refining a checkpoint) or a later regularizer.linr.start_epoch"
+            )
+        if self.init_from is not None:
+            self.load_network(module, Path(self.init_from))
+
+    def load_network(self, module: ReIDModule, path: Path) -> None:
+        """Load the network weights (``state_dict`` entries ``model.*``) of a reidreg Lightning checkpoint."""
+        if not path.is_file():
+            raise ConfigError(f"regularizer.linr.init_from: checkpoint file not found: {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" not in checkpoint:
+            raise ConfigError(f"regularizer.linr.init_from={path}: no state_dict, not a Lightning checkpoint")
+        prefix = "model."
+        weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        try:
+            module.model.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ConfigError(
+                f"regularizer.linr.init_from={path}: its network does not match this config's "
+                f"(backbone, branches, number of identities): {error}"
+            ) from error
+        log.info("LinR: network weights loaded from %s", path)
+
+    def extra_optimizers(self, module: ReIDModule) -> list[torch.optim.Optimizer]:
+        self.phase_optimizers = [
+            factory(params=module.model.parameters())
+            for factory in (self.cls_optimizer_factory, self.linr_optimizer_factory)
+        ]
+        return self.phase_optimizers
+
+    def training_step(self, module: ReIDModule, batch: Any, batch_idx: int) -> LogDict | None:
+        if not self.is_active(module):
+            return None  # standard training until start_epoch
+        step = int(self.steps_done)
+        if step >= self.total_steps:
+            return {}  # refinement done: keep the weights (only reached if the Trainer cannot stop yet)
+        round_index, phase = self.phase_of(step)
+        images, labels = batch
+        if phase == CLASSIFICATION_PHASE:
+            loss, logs = self.classification_loss(module, images, labels)
+        else:
+            # a and the pairs are a function of (seed, step): a resumed run draws the same ones.
+            rng = np.random.default_rng([self.seed, step])
+            loss, logs = self.linr_loss(module.model, images, rng)
+        module.optimize(loss, self.lightning_optimizer(module, self.phase_optimizers[phase]))
+        self.steps_done += 1
+        if step + 1 == self.total_steps:
+            module.trainer.should_stop = True  # Algorithm 1 line 8: return the refined θ
+        return {"phase": float(phase), "round": float(round_index), **logs}
+
+    def on_train_end(self, module: ReIDModule) -> None:
+        if int(self.steps_done) < self.total_steps:
+            log.warning(
+                "LinR stopped after %d of %d steps (%d rounds of %d + %d); raise trainer.max_epochs",
+                int(self.steps_done),
+                self.total_steps,
+                self.rounds,
+                self.cls_steps,
+                self.linr_steps,
+            )
+
+    # ------------------------------------------------------------------ losses
+    def classification_loss(
+        self, module: ReIDModule, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, LogDict]:
+        """Algorithm 1 line 5: the ReID task loss (``task``) or its label-smoothed CE terms only (``ce``)."""
+        outputs = module.model(images)
+        terms = module.loss(outputs, labels)
+        ce = sum(terms[f"{head}/ce"] for head in outputs)
+        loss = terms["total"] if self.cls_loss == "task" else ce
+        return loss, {"ce": ce.detach(), "cls_loss": loss.detach()}
+
+    def linr_loss(
+        self,
+        model: Callable[[torch.Tensor], dict[str, HeadOutput]],
+        images: torch.Tensor,
+        rng: np.random.Generator,
+    ) -> tuple[torch.Tensor, LogDict]:
+        """Algorithm 1 line 6: L_LinR (eqs. 4–7), LinRC (eq. 9) or LinRNM (eq. 10), summed over modules."""
+        a = float(rng.beta(self.alpha, self.alpha))
+        with torch.no_grad():  # P2 is a stop-gradient target
+            logits_x = {head: out.logits for head, out in model(images).items()}
+        if self.variant == "linrnm":
+            scaled = model(a * images)
+            kl = sum(scaled_input_kl(scaled[head].logits, logits_x[head], a).mean() for head in logits_x)
+            return kl, {"kl": kl.detach(), "a": a}
+
+        partner = random_partner(images.shape[0], rng).to(images.device)
+        mixed = model(a * images + (1.0 - a) * images[partner])
+        confident_only = self.variant == "linrc"
+        kl, kept_shares = 0.0, []
+        for head, head_logits in logits_x.items():
+            per_pair, keep = mixed_pair_kl(
+                mixed[head].logits, head_logits, head_logits[partner], a, confident_only=confident_only
+            )
+            kl = kl + per_pair.mean()
+            kept_shares.append(keep.float().mean())
+        logs: LogDict = {"kl": kl.detach(), "a": a}
+        if self.variant == "linrc":
+            logs["kept_class_share"] = torch.stack(kept_shares).mean()
+        return kl, logs
+
+    @staticmethod
+    def lightning_optimizer(module: ReIDModule, optimizer: torch.optim.Optimizer):
+        """The Trainer's wrapper of ``optimizer``: its ``step`` does AMP unscaling, hooks, step counting."""
+        optimizers = module.optimizers()
+        for wrapped in optimizers if isinstance(optimizers, list) else [optimizers]:
+            if getattr(wrapped, "optimizer", wrapped) is optimizer:
+                return wrapped
+        raise RuntimeError("LinR's optimizers are not among the module's optimizers (configure_optimizers)")
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, variant={self.variant}, rounds={self.rounds}, cls_steps={self.cls_steps}, "
+            f"linr_steps={self.linr_steps}, alpha={self.alpha}, init_from={self.init_from}, "
+            f"start_epoch={self.start_epoch}"
+        )

@@ -1,0 +1,72 @@
+"""``reidreg.evaluate``: a checkpoint evaluated on its own and on another test set, with a ranked list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from reidreg.errors import ConfigError
+from reidreg.evaluate import evaluate_checkpoint
+from reidreg.train import train
+from reidreg.utils.config import register_resolvers
+from tests.conftest import CONF_DIR
+
+
+def _evaluate_config(tmp_path: Path, *overrides: str):
+    register_resolvers()
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose(
+            "evaluate",
+            overrides=[
+                f"paths.data_dir={tmp_path.parent / 'data'}",
+                f"paths.output_dir={tmp_path / 'eval'}",
+                "num_workers=0",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture
+def trained_checkpoint(tiny_config) -> tuple[Path, dict]:
+    cfg = tiny_config("trainer.max_epochs=1")
+    results = train(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt", results
+
+
+def test_evaluating_the_best_checkpoint_reproduces_the_runs_test_metrics(tmp_path, trained_checkpoint):
+    checkpoint, train_results = trained_checkpoint
+    results = evaluate_checkpoint(
+        _evaluate_config(tmp_path, f"ckpt_path={checkpoint}", "ranked_list.num_queries=3", "device=cpu")
+    )
+    for key in ("test/mAP", "test/R1", "test/mINP"):
+        assert results[key] == pytest.approx(train_results[key], abs=1e-6)
+    assert (tmp_path / "eval" / "ranked_list.png").is_file()
+    saved = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert saved["test/mAP"] == pytest.approx(results["test/mAP"])
+
+
+def test_cross_domain_evaluation_uses_the_other_dataset(tmp_path, trained_checkpoint):
+    checkpoint, _ = trained_checkpoint
+    results = evaluate_checkpoint(
+        _evaluate_config(
+            tmp_path,
+            f"ckpt_path={checkpoint}",
+            "dataset=synthetic",
+            "dataset.options.num_ids=12",
+            "dataset.options.num_cameras=2",
+            "dataset.options.images_per_id=4",
+            "dataset.options.seed=7",
+            "rerank=true",
+        )
+    )
+    assert results["dataset"] == "synthetic"
+    assert results["rerank"] is True
+    assert 0.0 <= results["test/mAP"] <= 1.0
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="nothing.ckpt"):
+        evaluate_checkpoint(_evaluate_config(tmp_path, f"ckpt_path={tmp_path / 'nothing.ckpt'}"))
