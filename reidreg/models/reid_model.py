@@ -82,10 +82,17 @@ class ReIDModel(nn.Module):
         """Concatenated embeddings of all objective modules (the pre-BN clipped features)."""
         return torch.cat([out.embedding for out in self.forward(images).values()], dim=1)
 
-    @torch.no_grad()
-    def extract_features(self, images: torch.Tensor, *, flip: bool = True) -> torch.Tensor:
-        """Retrieval feature: ``embed`` averaged with that of the flipped image (official code)."""
+    def retrieval_features(self, images: torch.Tensor, *, flip: bool = True) -> torch.Tensor:
+        """Retrieval feature: ``embed`` averaged with that of the flipped image (official code).
+
+        Differentiable (adversarial attacks on queries need it); use ``extract_features`` to evaluate.
+        """
         features = self.embed(images)
         if flip:
             features = (features + self.embed(images.flip(dims=[3]))) / 2
         return features
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor, *, flip: bool = True) -> torch.Tensor:
+        """``retrieval_features`` without autograd: what evaluation uses."""
+        return self.retrieval_features(images, flip=flip)
