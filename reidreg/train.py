@@ -77,7 +77,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, validate: bool) -> pl.Train
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train and (unless ``cfg.test`` is false) test; returns the test metrics (empty if not tested)."""
+    """Train and (unless ``cfg.test`` is false) test; returns the test metrics and ``val/best_mAP``."""
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -91,9 +91,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     results: dict[str, float] = {}
+    if datamodule.has_validation and trainer.checkpoint_callback.best_model_score is not None:
+        results["val/best_mAP"] = float(trainer.checkpoint_callback.best_model_score)
+        for logger in trainer.loggers:  # W&B sweeps select on it (sweeps/wandb/l2_search_*.yaml)
+            logger.log_metrics({"val/best_mAP": results["val/best_mAP"]}, step=trainer.global_step)
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if datamodule.has_validation else ""
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+        results.update(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
         if trainer.is_global_zero:
             checkpoint = best or "final weights (no validation hold-out)"
             (run_dir / "test_metrics.json").write_text(
@@ -116,8 +120,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     results = run_cli(train, cfg)
-    # Returned for Hydra sweepers that optimise a value (e.g. the Optuna sweeper).
-    return results.get("test/mAP") if results else None
+    # For sweepers that optimise a value (the Optuna L2 search): the validation mAP of the best checkpoint,
+    # never a test metric, so that a search does not select on the test set.
+    return results.get("val/best_mAP")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def test_multirun_smoke(tmp_path):
 
 
 def test_missing_dataset_root_is_a_clear_error(tiny_config, tmp_path):
-    cfg = tiny_config("dataset=market1501", f"paths.data_dir={tmp_path / 'nowhere'}")
+    cfg = tiny_config(f"paths.data_dir={tmp_path / 'nowhere'}")
+    cfg.dataset.name, cfg.dataset.options = "market1501", {}  # the tiny overrides are synthetic-only
     with pytest.raises(DatasetError, match="nowhere"):
         train(cfg)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from reidreg.errors import ConfigError
 from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
 from reidreg.regularizers.l2_targets import l2_targets, resolve_parameters, squared_norms
 
@@ -42,9 +43,9 @@ class ConstantL2(Regularizer):
     ) -> None:
         super().__init__()
         if mode not in ("coupled", "decoupled"):
-            raise ValueError(f"ConstantL2 mode must be 'coupled' or 'decoupled', got {mode!r}")
+            raise ConfigError(f"regularizer.constant_l2.mode must be 'coupled' or 'decoupled', got {mode!r}")
         if lam < 0:
-            raise ValueError(f"ConstantL2 lam must be >= 0, got {lam}")
+            raise ConfigError(f"regularizer.constant_l2.lam must be >= 0, got {lam}")
         self.lam, self.mode = float(lam), mode
         self.categories = None if categories is None else list(categories)
         self.target_names: list[str] = []
