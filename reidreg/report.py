@@ -1,0 +1,143 @@
+"""``python -m reidreg.report <multirun dir | run dirs...> [--out DIR] [--baseline METHOD]``: compare methods.
+
+Gathers every run below the given directories (``reidreg.reporting.gather``), names the method of each
+(``reidreg.reporting.methods``), and writes into ``--out`` (default: the directory given, or the common
+parent of several):
+
+- ``report.md`` and ``report.csv``: method × dataset, mAP / R1 / mINP as mean ± std over seeds, the
+  difference to the baseline and Welch's t-test (``reidreg.reporting.table``, ``reidreg.reporting.stats``);
+- ``map.png`` and, for adaptive L2, ``lambda_median_<method>_<dataset>.png`` (``reidreg.reporting.plots``).
+
+The Markdown report is also printed. Runs that did not finish and jobs of a multirun that never started
+are listed in it; so are differences between methods other than the method itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from reidreg.reporting.gather import Run, Study, gather
+from reidreg.reporting.methods import comparability_notes, method_labels
+from reidreg.reporting.table import Row, build_rows, legend, markdown_table, write_csv
+
+
+def _last_error_line(log_file: Path) -> str | None:
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines()]
+    errors = [line for line in lines if "ERROR" in line or "Error" in line or "Traceback" in line]
+    return errors[-1] if errors else None
+
+
+def describe_unfinished(run: Run) -> str:
+    """One list item: which run, what was asked of it, how far it got, where its logs are."""
+    status = (
+        "not tested (test=false)"
+        if run.config.get("test") is False
+        else "no test_metrics.json: failed, stopped or still running"
+    )
+    item = [f"- `{run.run_dir}`: {run.regularizer} on {run.dataset}, seed {run.seed}: {status}"]
+    if run.overrides:
+        item.append(f"  overrides: `{' '.join(run.overrides)}`")
+    epoch = run.last_epoch()
+    max_epochs = (run.config.get("trainer") or {}).get("max_epochs")
+    item.append(
+        "  no epoch logged in csv/metrics.csv"
+        if epoch is None
+        else f"  last epoch logged: {epoch + 1} of {max_epochs}"
+    )
+    if run.log_file is not None:
+        error = _last_error_line(run.log_file)
+        item.append(
+            f"  job log `{run.log_file}`" + (f", last error: `{error}`" if error else ", no error in it")
+        )
+    submitit = run.run_dir.parent / ".submitit"
+    if submitit.is_dir():
+        item.append(f"  submitit job logs (stdout/stderr of the job) in `{submitit}`")
+    return "\n".join(item)
+
+
+def render(study: Study, rows: list[Row], notes: list[str], *, paths: list[Path], alpha: float) -> str:
+    sections = [
+        f"# Comparison of {len(study.finished)} finished runs\n",
+        "Runs gathered from " + ", ".join(f"`{path}`" for path in paths) + ".\n",
+    ]
+    sections.append(markdown_table(rows) if rows else "No finished run (no test_metrics.json) was found.")
+    sections.append("\n" + legend(alpha))
+    if study.unfinished:
+        sections.append(f"\n## Unfinished or failed runs ({len(study.unfinished)}), not in the table\n")
+        sections += [describe_unfinished(run) for run in study.unfinished]
+    if study.missing:
+        sections.append(f"\n## Missing runs ({len(study.missing)}): jobs of a multirun without a directory\n")
+        sections += [
+            f"- `{job.sweep_dir}` job {job.job_num}: "
+            + (f"`{' '.join(job.overrides)}`" if job.overrides else "")
+            for job in study.missing
+        ]
+    if notes or study.notes:
+        sections.append("\n## Notes\n")
+        sections += [f"- {note}" for note in [*study.notes, *notes]]
+    return "\n".join(sections) + "\n"
+
+
+def default_out_dir(paths: list[Path]) -> Path:
+    resolved = [str(path.resolve()) for path in paths]
+    return Path(os.path.commonpath(resolved))
+
+
+def report(
+    paths: list[Path],
+    *,
+    out_dir: Path | None = None,
+    baseline: str | None = None,
+    alpha: float = 0.05,
+    plots: bool = True,
+) -> tuple[str, list[Path]]:
+    """Write the report of the runs under ``paths``; returns its Markdown text and the files written."""
+    study = gather(paths)
+    if not study.runs:
+        raise FileNotFoundError(f"no run directory (config.yaml, test_metrics.json or .hydra/) under {paths}")
+    finished = study.finished
+    labels = method_labels(finished)
+    rows, notes = build_rows(finished, labels, baseline=baseline, alpha=alpha)
+    notes += comparability_notes(finished, labels)
+    text = render(study, rows, notes, paths=paths, alpha=alpha)
+
+    out_dir = out_dir or default_out_dir(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.md", out_dir / "report.csv"]
+    written[0].write_text(text)
+    write_csv(rows, written[1])
+    if plots and rows:
+        from reidreg.reporting.plots import lambda_figures, map_figure  # matplotlib only when plotting
+
+        written.append(map_figure(rows, out_dir / "map.png"))
+        written += lambda_figures(rows, out_dir)
+    return text, written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reidreg.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="multirun directories and/or run directories")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: the directory given)"
+    )
+    parser.add_argument("--baseline", default=None, help="method to compare with (default: none)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    parser.add_argument("--no-plots", action="store_true", help="only the Markdown and CSV tables")
+    args = parser.parse_args(argv)
+    try:
+        text, written = report(
+            args.paths, out_dir=args.out, baseline=args.baseline, alpha=args.alpha, plots=not args.no_plots
+        )
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(text)
+    print("Written: " + ", ".join(str(path) for path in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The parts of ``python -m reidreg.report``: gather runs, name methods, compare over seeds, plot."""
