@@ -18,9 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from reidreg.attacks import build_attack
 from reidreg.data.datamodule import ReIDDataModule
 from reidreg.errors import ConfigError
 from reidreg.evaluation import evaluate
+from reidreg.evaluation.robustness import evaluate_robustness
 from reidreg.evaluation.visualize import save_ranked_lists
 from reidreg.models import ReIDModel
 from reidreg.training.module import REPORTED_METRICS
@@ -139,17 +141,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         print(f"  ranked list      {path}")
 
     if cfg.get("attack"):
-        from reidreg.evaluation.robustness import evaluate_robustness
-
-        results["attack"] = evaluate_robustness(
-            model,
-            loader,
-            features,
-            attack=OmegaConf.to_container(cfg.attack),
-            metric=cfg.metric,
-            mean=run_config["data"].get("mean"),
-            std=run_config["data"].get("std"),
+        attack = build_attack(**OmegaConf.to_container(cfg.attack))
+        robustness = evaluate_robustness(
+            model, loader, attack, metric=cfg.metric, flip=cfg.flip, seed=cfg.seed
         )
+        results["attack"] = {"config": OmegaConf.to_container(cfg.attack), **robustness}
+        for name in ("clean", "attacked"):
+            print_metrics_table(
+                f"{name} queries ({cfg.attack.name}, eps={cfg.attack.eps:.4f})",
+                {f"{name}/{k}": v for k, v in robustness[name].items()},
+                REPORTED_METRICS,
+            )
     (output_dir / "eval_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"  metrics          {output_dir / 'eval_metrics.json'}")
     return results

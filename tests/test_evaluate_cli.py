@@ -70,3 +70,13 @@ def test_cross_domain_evaluation_uses_the_other_dataset(tmp_path, trained_checkp
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="nothing.ckpt"):
         evaluate_checkpoint(_evaluate_config(tmp_path, f"ckpt_path={tmp_path / 'nothing.ckpt'}"))
+
+
+def test_attacked_queries_do_not_score_above_clean_ones(tmp_path, trained_checkpoint):
+    checkpoint, train_results = trained_checkpoint
+    results = evaluate_checkpoint(
+        _evaluate_config(tmp_path, f"ckpt_path={checkpoint}", "attack=fgsm", "attack.eps=0.03")
+    )
+    clean, attacked = results["attack"]["clean"], results["attack"]["attacked"]
+    assert clean["mAP"] == pytest.approx(train_results["test/mAP"], abs=1e-6)
+    assert attacked["mAP"] <= clean["mAP"]
