@@ -1,7 +1,7 @@
 """``python -m reidreg.train [overrides]``: train, validate, test and log one ReID model.
 
 ``main`` is a thin ``@hydra.main`` wrapper; ``train(cfg)`` is the plain function tests call directly.
-Reading order for a newcomer: ``train`` → ``reidreg.data.ReIDDataModule`` → ``reidreg.models.ReIDModel``
+Reading order for a newcomer: ``train`` → ``reidreg.data.datamodule`` → ``reidreg.models.ReIDModel``
 → ``reidreg.training.ReIDModule.training_step`` → ``reidreg.evaluation``.
 """
 

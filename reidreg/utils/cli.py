@@ -34,7 +34,7 @@ def run_cli(task: Callable[[Any], Any], cfg: Any) -> Any:
 
 def print_metrics_table(title: str, metrics: Mapping[str, float], keys: Iterable[str]) -> None:
     """A small aligned table of ``<split>/<key>`` metrics, as percentages."""
-    values = {key: value for name, value in metrics.items() for key in keys if name.endswith(f"/{key}")}
+    values = {key: value for key in keys for name, value in metrics.items() if name.endswith(f"/{key}")}
     print(f"\n{title}")
     print("  " + "  ".join(f"{key:>7s}" for key in values))
     print("  " + "  ".join(f"{100 * value:7.2f}" for value in values.values()))
