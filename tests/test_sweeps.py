@@ -257,7 +257,9 @@ def test_slurm_launcher_gives_each_run_its_trainer_devices():
 
 
 # ---------------------------------------------------------------------------------------- end to end
-def run_study(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_study(
+    sweep_dir: Path, data_dir: Path, *overrides: str, study: str = "compare_regularizers"
+) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -266,7 +268,7 @@ def run_study(sweep_dir: Path, data_dir: Path, *overrides: str) -> subprocess.Co
         "--config-dir",
         "sweeps",
         "--config-name",
-        "compare_regularizers",
+        study,
         *TINY_STUDY,
         f"paths.data_dir={data_dir}",
         f"hydra.sweep.dir={sweep_dir}",
@@ -358,23 +360,10 @@ def test_submitit_local_launcher_runs_a_study_job(tmp_path_factory, tmp_path):
 @pytest.mark.skipif(not HAS_OPTUNA, reason="optional extra: pip install -e '.[optuna]'")
 def test_optuna_search_runs_and_its_trials_are_reported(tmp_path_factory, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "-m",
-        "reidreg.train",
-        "-m",
-        "--config-dir",
-        "sweeps",
-        "--config-name",
-        "l2_search_constant",
-        *TINY_STUDY,
-        f"paths.data_dir={tmp_path_factory.getbasetemp() / 'data'}",
-        f"hydra.sweep.dir={sweep_dir}",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.n_jobs=1",
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    data_dir = tmp_path_factory.getbasetemp() / "data"
+    run_study(
+        sweep_dir, data_dir, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", study="l2_search_constant"
+    )
     text, _ = report([sweep_dir], plots=False)
     for job in ("0", "1"):
         lam = yaml.safe_load((sweep_dir / job / "config.yaml").read_text())["regularizer"]["constant_l2"][
