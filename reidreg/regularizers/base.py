@@ -6,6 +6,8 @@ hooks; each default does nothing, so a regularizer overrides only what its metho
 ==========================  ==============================================================================
 hook                        when / what for
 ==========================  ==============================================================================
+``check(plan)``             once, before any work: refuse (``ConfigError``) a run this regularizer cannot
+                            carry out as configured (LinR: its rounds do not fit in the epochs).
 ``attach(module)``          once, before training: create own parameters (adaptive L2's θ), register
                             forward/backward hooks on the network (SGP), load a checkpoint (LinR).
 ``on_train_batch_start``    every step, before anything else (draw a per-step decision, e.g. SGP's p).
@@ -47,6 +49,17 @@ if TYPE_CHECKING:
 LogDict = dict[str, float | torch.Tensor]
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a run is about to do, known before any work starts; handed to ``Regularizer.check``."""
+
+    max_epochs: int
+    steps_per_epoch: int  # training batches (optimizer steps) per epoch
+    freeze_backbone_epochs: int
+    pretrained_backbone: bool  # ImageNet weights loaded into the backbone (False: random init)
+    resuming: bool  # continuing from a checkpoint (``ckpt_path``)
+
+
 @dataclass
 class TrainStep:
     """Everything one standard training step has computed, handed to ``Regularizer.loss_terms``."""
@@ -68,6 +81,9 @@ class Regularizer(nn.Module):
 
     #: Set by ``build_regularizers`` to the key of its config (``regularizer.<name>``); prefixes its logs.
     name: str = "regularizer"
+
+    def check(self, plan: TrainingPlan) -> None:
+        """Raise ``ConfigError`` (naming the option) if this run cannot work as configured."""
 
     def attach(self, module: ReIDModule) -> None:
         """Called once with the Lightning module before training starts (the network is ``module.model``)."""
