@@ -75,14 +75,18 @@ def build_test_data(cfg: DictConfig, run_config: dict[str, Any]) -> ReIDDataModu
 def extract(
     model: ReIDModel, loader: DataLoader, device: torch.device, *, flip: bool
 ) -> dict[str, torch.Tensor]:
-    """Features and labels of a query+gallery loader, on ``device``."""
+    """Features and labels of a query+gallery loader, on ``device``, in the canonical order (queries then
+    gallery, as the dataset lists them: the loader's batches carry each image's position in it)."""
     parts: dict[str, list[torch.Tensor]] = {"feats": [], "pids": [], "camids": [], "is_query": []}
-    for images, pids, camids, is_query in loader:
+    positions = []
+    for images, pids, camids, is_query, position in loader:
         parts["feats"].append(model.extract_features(images.to(device), flip=flip))
         parts["pids"].append(pids)
         parts["camids"].append(camids)
         parts["is_query"].append(is_query)
-    out = {key: torch.cat(values) for key, values in parts.items()}
+        positions.append(position)
+    order = torch.cat(positions).argsort()
+    out = {key: torch.cat(values)[order.to(values[0].device)] for key, values in parts.items()}
     out["is_query"] = out["is_query"].bool()
     return out
 

@@ -78,7 +78,7 @@ def test_ddp_two_processes_give_the_same_test_metrics_as_one(tmp_path, tiny_conf
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from reidreg.train import build_module
+    from reidreg.training.run import build_module
 
     cfg = tiny_config("trainer.max_epochs=1", "test=false")
     train(cfg)

@@ -7,6 +7,19 @@ Market-1501); "best" checkpoints are chosen on it and the test set is evaluated 
 Training augmentation is a deterministic function of ``(seed, epoch, position in the epoch)``: every
 sample carries its own seed from the batch sampler, so a resumed run sees exactly the images an
 uninterrupted run would, with any number of workers.
+
+Exact resume. Lightning creates the training iterator (``iter(dataloader)``) *before* it calls
+``set_epoch`` for the first epoch of a ``fit``; with loader workers the iterator starts the batch
+sampler at once to prefetch, so a resumed run would replay the sampler's default epoch (0). The data
+module therefore records the training position (epoch, batches done) in every checkpoint
+(``state_dict``) and starts the sampler there when it builds the loader after a restore
+(``load_state_dict`` → ``train_dataloader``), mid-epoch checkpoints included: the batches already trained
+on are skipped without loading their images.
+
+Evaluation sets are ordered identity by identity (``identity_grouped``), so that any leading slice — a
+``fast_dev_run`` batch — holds queries together with their gallery matches; every item carries its
+position in the canonical order (queries, then gallery, as the dataset lists them), and the metric
+restores that order, so the order never changes a result.
 """
 
 from __future__ import annotations
@@ -56,30 +69,60 @@ class TrainImages(Dataset):
             return self.transform(image), label
 
 
+def identity_grouped(query: Sequence[Sample], gallery: Sequence[Sample]) -> list[int]:
+    """An order of the canonical evaluation list (``query + gallery``) that groups images by identity.
+
+    Identities with queries come first, each as its queries followed by its gallery images; gallery
+    images of other identities (distractors) follow. Within an identity the canonical order is kept.
+    """
+    members: dict[int, list[int]] = {}
+    for index, (_, pid, _) in enumerate([*query, *gallery]):
+        members.setdefault(pid, []).append(index)
+    queried = list(dict.fromkeys(pid for _, pid, _ in query))
+    others = [pid for pid in members if pid not in set(queried)]
+    return [index for pid in queried + others for index in members[pid]]
+
+
 class EvalImages(Dataset):
-    """Query followed by gallery images: ``(image, pid, camid, is_query)``."""
+    """Query and gallery images as ``(image, pid, camid, is_query, index)``, grouped by identity.
+
+    ``index`` is the image's position in the canonical list (queries, then gallery, as given); the metric
+    sorts by it, so results do not depend on the grouping (see the module docstring).
+    """
 
     def __init__(self, query: Sequence[Sample], gallery: Sequence[Sample], transform: Callable) -> None:
-        self.samples = [(*s, True) for s in query] + [(*s, False) for s in gallery]
+        canonical = [(*s, True) for s in query] + [(*s, False) for s in gallery]
+        self.order = identity_grouped(query, gallery)
+        self.samples = [canonical[i] for i in self.order]
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
-        path, pid, camid, is_query = self.samples[index]
-        return self.transform(read_image(path)), pid, camid, is_query
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int, bool, int]:
+        path, pid, camid, is_query = self.samples[position]
+        return self.transform(read_image(path)), pid, camid, is_query, self.order[position]
 
 
 class SeededBatches(Sampler[list[tuple[int, int]]]):
-    """Wraps a batch sampler so that each index comes with a seed derived from (seed, epoch, position)."""
+    """Wraps a batch sampler so that each index comes with a seed derived from (seed, epoch, position).
+
+    ``start_at(epoch, batches_done)`` positions it for a resumed run: the next iteration yields that
+    epoch's batches from ``batches_done`` on (later epochs are whole again).
+    """
 
     def __init__(self, batch_sampler: PKBatchSampler, seed: int) -> None:
         self.batch_sampler, self.seed, self.epoch = batch_sampler, seed, 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) of the first iteration
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.batch_sampler.set_epoch(epoch)
+
+    def start_at(self, epoch: int, batches_done: int) -> None:
+        epoch, skip = epoch + batches_done // len(self), batches_done % len(self)
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip)
 
     @property
     def sampler(self) -> SeededBatches:
@@ -91,7 +134,11 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rank = self.batch_sampler.rank
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
         for batch_index, batch in enumerate(self.batch_sampler):
+            if batch_index < skip:
+                continue
             sequence = np.random.SeedSequence([self.seed, self.epoch, rank, batch_index])
             seeds = sequence.generate_state(len(batch))
             yield [(index, int(seed)) for index, seed in zip(batch, seeds, strict=True)]
@@ -192,6 +239,8 @@ class ReIDDataModule(pl.LightningDataModule):
         self.val_identities, self.batch_size_test = val_identities, batch_size_test
         self.num_workers, self.seed = num_workers, seed
         self.dataset: ReIDDataset | None = None
+        # (epoch, batches done in it) of the checkpoint being resumed; see the module docstring.
+        self.resume_position: tuple[int, int] | None = None
 
     def load(self) -> ReIDDataset:
         """Parse (and, for ``synthetic``, generate) the dataset; cheap to call again."""
@@ -223,18 +272,53 @@ class ReIDDataModule(pl.LightningDataModule):
         self.load()
         return bool(self.val_query)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The training position, saved in every checkpoint taken while fitting."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return {}
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_position": {"epoch": trainer.current_epoch, "batches_done": batches_done}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        position = state.get("train_position")
+        if position is not None:
+            self.resume_position = (position["epoch"], position["batches_done"])
+
+    def batch_sampler(self, *, num_replicas: int | None = None, rank: int | None = None) -> PKBatchSampler:
+        """The P×K sampler of the training identities (DDP world and rank from torch.distributed if None)."""
+        self.load()
+        try:
+            return PKBatchSampler(
+                [pid for _, pid, _ in self.train_samples],
+                num_identities=self.num_identities,
+                num_instances=self.num_instances,
+                num_batches=self.steps_per_epoch,
+                skip_small_identities=self.skip_small_identities,
+                seed=self.seed,
+                num_replicas=num_replicas,
+                rank=rank,
+            )
+        except ValueError as error:
+            held_out = f" left after data.val_identities={self.val_identities}" if self.val_identities else ""
+            raise ConfigError(
+                f"data.num_identities={self.num_identities} (P) with data.num_instances={self.num_instances} "
+                f"(K) cannot be sampled from the {len({s[1] for s in self.train_samples})} training "
+                f"identities{held_out}: {error}"
+            ) from None
+
+    def batches_per_epoch(self, num_replicas: int = 1) -> int:
+        """Training steps per epoch with ``num_replicas`` DDP processes; checks the P×K options."""
+        return len(self.batch_sampler(num_replicas=num_replicas, rank=0))
+
     def train_dataloader(self) -> DataLoader:
-        batches = PKBatchSampler(
-            [pid for _, pid, _ in self.train_samples],
-            num_identities=self.num_identities,
-            num_instances=self.num_instances,
-            num_batches=self.steps_per_epoch,
-            skip_small_identities=self.skip_small_identities,
-            seed=self.seed,
-        )
+        seeded = SeededBatches(self.batch_sampler(), self.seed)
+        if self.resume_position is not None:
+            seeded.start_at(*self.resume_position)
+            self.resume_position = None
         return DataLoader(
             TrainImages(self.train_samples, self.train_transform),
-            batch_sampler=SeededBatches(batches, self.seed),
+            batch_sampler=seeded,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -1,8 +1,11 @@
 """ReID evaluation as a torchmetrics ``Metric``, for Lightning validation/test loops.
 
-Each ``update`` adds a batch of embeddings with their pids, camera ids and an ``is_query`` flag (query and
-gallery images may come in any order and mix). States are lists concatenated across DDP ranks
-(``dist_reduce_fx="cat"``), and ``compute`` runs :func:`reidreg.evaluation.evaluate` on everything.
+Each ``update`` adds a batch of embeddings with their pids, camera ids, an ``is_query`` flag and, optionally,
+each sample's position in the canonical order of the evaluation set (query and gallery images may come in
+any order and mix). States are lists concatenated across DDP ranks (``dist_reduce_fx="cat"``), and
+``compute`` sorts them back into the canonical order (when positions were given) and runs
+:func:`reidreg.evaluation.evaluate` on everything: the loading order and the DDP sharding never change a
+result, not even how ties are ranked.
 
 DDP: every sample must be seen by exactly one rank. A ``DistributedSampler`` pads the dataset with
 repeated samples to equalise ranks; those duplicates would be counted twice (a duplicated gallery item is
@@ -44,29 +47,36 @@ class ReIDMetric(Metric):
         check_metric(metric)
         self.metric, self.max_rank, self.rerank, self.chunk_size = metric, max_rank, rerank, chunk_size
         self.rerank_params = {"rerank_k1": rerank_k1, "rerank_k2": rerank_k2, "rerank_lambda": rerank_lambda}
-        for name in ("feats", "pids", "camids", "is_query"):
+        for name in ("feats", "pids", "camids", "is_query", "positions"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
-        self, feats: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor, is_query: torch.Tensor
+        self,
+        feats: torch.Tensor,
+        pids: torch.Tensor,
+        camids: torch.Tensor,
+        is_query: torch.Tensor,
+        positions: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch: feats (B, D); pids, camids (B,) integers; is_query (B,) bool (False = gallery)."""
+        """Add a batch: feats (B, D); pids, camids (B,) integers; is_query (B,) bool (False = gallery);
+        positions (B,) the samples' places in the canonical order (give them always or never)."""
         if feats.dim() != 2:
             raise ValueError(f"feats must be (batch, dim), got shape {tuple(feats.shape)}")
-        for name, values in (("pids", pids), ("camids", camids), ("is_query", is_query)):
+        labels = [("pids", pids), ("camids", camids), ("is_query", is_query)]
+        for name, values in labels + ([("positions", positions)] if positions is not None else []):
             if values.shape != (feats.shape[0],):
                 raise ValueError(f"{name} must have shape ({feats.shape[0]},), got {tuple(values.shape)}")
         self.feats.append(feats.detach())
         self.pids.append(pids.long())
         self.camids.append(camids.long())
         self.is_query.append(is_query.bool())
+        if positions is not None:
+            self.positions.append(positions.long())
 
-    def forward(
-        self, feats: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor, is_query: torch.Tensor
-    ) -> None:
+    def forward(self, *args: torch.Tensor) -> None:
         """Same as ``update``: a per-batch value means nothing for retrieval (a batch's queries need the
         whole gallery), so unlike other metrics ``forward`` returns None."""
-        self.update(feats, pids, camids, is_query)
+        self.update(*args)
 
     def compute(self) -> dict:
         # After a DDP sync the list states are already concatenated into one tensor.
@@ -74,6 +84,9 @@ class ReIDMetric(Metric):
             raise ValueError("ReIDMetric.compute() called before any update()")
         feats, pids, camids = dim_zero_cat(self.feats), dim_zero_cat(self.pids), dim_zero_cat(self.camids)
         is_query = dim_zero_cat(self.is_query)
+        if not (isinstance(self.positions, list) and not self.positions):
+            order = dim_zero_cat(self.positions).argsort()
+            feats, pids, camids, is_query = feats[order], pids[order], camids[order], is_query[order]
         query, gallery = is_query, ~is_query
         result = evaluate(
             feats[query],

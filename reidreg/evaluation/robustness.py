@@ -77,8 +77,9 @@ def evaluate_robustness(
 ) -> dict[str, dict[str, float]]:
     """Metrics with clean and with attacked queries: ``{"clean": {...}, "attacked": {...}}``.
 
-    ``loader`` yields ``(images, pids, camids, is_query)`` batches of normalised query and gallery images
-    (the datamodule's ``test_dataloader()``); only the query images are attacked. Each inner dict has
+    ``loader`` yields ``(images, pids, camids, is_query[, positions])`` batches of normalised query and
+    gallery images (the datamodule's ``test_dataloader()``, whose ``positions`` give the canonical order the
+    features are sorted back into); only the query images are attacked. Each inner dict has
     ``mAP``, ``R1``, ``R5``, ``R10`` and ``mINP``. Runs on the model's device, in eval mode (the previous
     mode is restored), and needs autograd: call it outside ``torch.inference_mode()``.
     """
@@ -93,13 +94,17 @@ def evaluate_robustness(
     generator = torch.Generator(device=device).manual_seed(seed)
     features: dict[str, list[torch.Tensor]] = {"gallery": [], "clean": [], "attacked": []}
     labels: dict[str, list[torch.Tensor]] = {"g_pids": [], "g_camids": [], "q_pids": [], "q_camids": []}
+    positions: dict[str, list[torch.Tensor]] = {"g": [], "q": []}
     was_training = model.training
     model.eval()
     try:
-        for images, pids, camids, is_query in loader:
+        for images, pids, camids, is_query, *position in loader:
             images = images.to(device)
             is_query = torch.as_tensor(is_query, dtype=torch.bool)
             pids, camids = torch.as_tensor(pids), torch.as_tensor(camids)
+            if position:
+                positions["g"].append(position[0][~is_query])
+                positions["q"].append(position[0][is_query])
             clean = model.extract_features(images, flip=flip).cpu()
             features["gallery"].append(clean[~is_query])
             labels["g_pids"].append(pids[~is_query])
@@ -118,6 +123,13 @@ def evaluate_robustness(
 
     gallery = torch.cat(features["gallery"])
     label_tensors = {name: torch.cat(values) for name, values in labels.items()}
+    if positions["g"]:  # back to the canonical order, so that ties rank as in `evaluate`
+        g_order, q_order = (torch.cat(positions[side]).argsort() for side in ("g", "q"))
+        gallery = gallery[g_order]
+        for kind in ("clean", "attacked"):
+            features[kind] = [torch.cat(features[kind])[q_order]]
+        for name in label_tensors:
+            label_tensors[name] = label_tensors[name][g_order if name.startswith("g") else q_order]
     return {
         kind: _summary(
             evaluate(

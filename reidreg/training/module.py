@@ -62,6 +62,7 @@ class ReIDModule(pl.LightningModule):
         self.val_metric = ReIDMetric(metric=eval_metric)
         self.test_metric = ReIDMetric(metric=eval_metric, rerank=rerank_test)
         self._pending_logs: dict[str, float | torch.Tensor] = {}  # this step's logs, see _flush_logs
+        self.last_step_loss: torch.Tensor | None = None  # the loss optimised in the latest step
         # The resolved run config, stored in every checkpoint so that `reidreg.evaluate` can rebuild the run.
         self.run_config: dict[str, Any] | None = None
         for regularizer in self.regularizers.values():
@@ -79,17 +80,29 @@ class ReIDModule(pl.LightningModule):
         return optimizers[0] if isinstance(optimizers, list) else optimizers
 
     def optimize(self, loss: torch.Tensor, optimizer) -> None:
-        """zero_grad → backward (AMP-scaled) → step; ``on_before_optimizer_step`` runs in between."""
+        """zero_grad → backward (AMP-scaled) → step; ``on_before_optimizer_step`` runs in between.
+
+        The loss stays on the device as ``last_step_loss`` (for the divergence guard and progress display).
+        """
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()
+        self.last_step_loss = loss.detach()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         for regularizer in self.regularizers.values():
             self.log_regularizer(regularizer.name, regularizer.on_before_optimizer_step(self, optimizer))
 
     # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start: the epoch's state is set here too.
+        self._apply_epoch_schedule()
+
     def on_train_epoch_start(self) -> None:
+        self._apply_epoch_schedule()
+
+    def _apply_epoch_schedule(self) -> None:
+        """What depends on the epoch alone: the frozen-backbone phase and the learning rate."""
         # Optional head-only phase of the official code: the backbone (both copies of block 5) is frozen.
         trainable = self.current_epoch >= self.freeze_backbone_epochs
         for part in (self.model.backbone, self.model.regional_block5):
@@ -151,8 +164,8 @@ class ReIDModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluation_step(self, metric: ReIDMetric, batch: Any) -> None:
-        images, pids, camids, is_query = batch
-        metric.update(self.model.extract_features(images, flip=self.flip_test), pids, camids, is_query)
+        images, *labels = batch  # pids, camids, is_query, positions (see ReIDDataModule)
+        metric.update(self.model.extract_features(images, flip=self.flip_test), *labels)
 
     def _evaluation_end(self, metric: ReIDMetric, prefix: str) -> None:
         results = metric.compute()
@@ -190,12 +203,11 @@ class ReIDModule(pl.LightningModule):
 
         Not through ``self.log``: Lightning re-emits the last value of a key at steps that did not log it
         (misleading for a gated or phase-dependent term), and resets a batch's earlier logs when another
-        hook (``on_before_optimizer_step``) logs in between.
+        hook (``on_before_optimizer_step``) logs in between. Values stay on the device until a step that
+        writes them: reading a GPU value waits for the GPU, so it happens once per written step only.
         """
-        values = {k: float(v) for k, v in self._pending_logs.items()}
-        if "train/loss" in values:
-            self.log("train/loss", values["train/loss"], prog_bar=True, logger=False)
-        if self.global_step % self.trainer.log_every_n_steps == 0 and values:
+        if self.global_step % self.trainer.log_every_n_steps == 0 and self._pending_logs:
+            values = {k: float(v) for k, v in self._pending_logs.items()}  # one synchronisation per write
             for logger in self.loggers:
                 logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step - 1)
 

@@ -1,0 +1,216 @@
+"""Resume = the same experiment: a resumed run continues the checkpoint's own config, never a recomposed one.
+
+Every reidreg checkpoint stores the run's resolved config (``reidreg_config``). ``resumed_config`` builds
+the config of the resumed run from it:
+
+* ``python -m reidreg.train ckpt_path=<run>/checkpoints/last.ckpt`` alone continues the stored experiment
+  (backbone, regularizers, data, ...) in its own run directory, whatever the defaults of ``conf/`` say;
+* an override that sets an *operational* option (``OPERATIONAL``: devices, workers, loggers, paths,
+  progress display, ``trainer.max_epochs`` to extend the run, ...) is applied;
+* an override equal to the checkpoint's value is accepted;
+* any other override would change the experiment (regularizer, backbone, dataset, data, loss, optim, model,
+  seed, ...) and is refused, in one line listing the keys with their checkpoint and requested values.
+
+Which keys an override touches: a ``key=value`` override touches ``key``; a config-group override
+(``regularizer=sgsl``, ``experiment=quickstart``) touches every key whose composed value changes when the
+group is removed again (the config is composed without it to find out).
+
+Called from Python with a composed config and no override list (tests, notebooks), every non-operational
+key of the given config must equal the checkpoint's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from reidreg.errors import ConfigError
+
+#: Options a resumed run may change: where and how it runs, not what it computes.
+OPERATIONAL = (
+    "ckpt_path",
+    "test",
+    "paths",
+    "logger",
+    "hydra",
+    "progress",
+    "checkpoint.every_n_steps",
+    "checkpoint.signals",
+    "checkpoint.requeue",
+    "divergence",
+    "data.num_workers",
+    "data.batch_size_test",
+    "data.verify_images",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.max_epochs",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.default_root_dir",
+    "trainer.fast_dev_run",
+    "trainer.limit_train_batches",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "evaluation.rerank",
+)
+
+MISSING = object()
+
+
+def is_operational(key: str) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in OPERATIONAL)
+
+
+def stored_config(ckpt_path: str | Path) -> dict[str, Any]:
+    """The resolved run config a reidreg checkpoint stores (read without loading its tensors into memory)."""
+    import torch
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={str(path)!r} does not exist; expected a .ckpt file from reidreg.train")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which file, not where torch failed
+        raise ConfigError(f"ckpt_path={str(path)!r} cannot be read as a checkpoint: {error}") from None
+    if "reidreg_config" not in checkpoint:
+        raise ConfigError(f"ckpt_path={str(path)!r} is not a reidreg.train checkpoint (no stored run config)")
+    return checkpoint["reidreg_config"]
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of a nested mapping by dotted key (an empty mapping is a leaf: ``regularizer: {}``)."""
+    if isinstance(node, Mapping) and node:
+        leaves: dict[str, Any] = {}
+        for key, value in node.items():
+            leaves.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return leaves
+    return {prefix: node}
+
+
+def _under(keys: Sequence[str], touched: set[str]) -> set[str]:
+    """The keys equal to, or inside, any of ``touched``."""
+    return {key for key in keys if any(key == t or key.startswith(t + ".") for t in touched)}
+
+
+def touched_keys(overrides: Sequence[str], compose: Any, requested: Mapping[str, Any]) -> set[str]:
+    """Dotted keys of the requested config that ``overrides`` set (see the module docstring).
+
+    ``compose(overrides)`` returns the unresolved, flattened config composed with those overrides.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys, touched = list(requested), set()
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    for override, text in zip(parsed, overrides, strict=True):
+        name = override.key_or_group
+        if name in ("ckpt_path",) or name.startswith("hydra"):
+            continue
+        if override.package is None and _is_group(name):
+            rest = [o for o in overrides if o != text]
+            without = compose([*rest, f"~{name}"])
+            full = compose(list(overrides))
+            touched |= {
+                k for k in set(full) | set(without) if full.get(k, MISSING) != without.get(k, MISSING)
+            }
+        else:
+            touched |= _under(keys, {name}) or {name}
+    return touched
+
+
+def _is_group(name: str) -> bool:
+    from hydra.core.global_hydra import GlobalHydra
+
+    return GlobalHydra.instance().hydra.config_loader.repository.group_exists(name)
+
+
+def resumed_config(
+    cfg: DictConfig,
+    checkpoint_config: Mapping[str, Any],
+    *,
+    overrides: Sequence[str] | None,
+    compose: Any = None,
+) -> DictConfig:
+    """The config of the resumed run; ``ConfigError`` if the request changes the checkpoint's experiment.
+
+    ``overrides``: the command-line overrides (with ``compose``, see ``touched_keys``); ``None`` compares
+    the whole of ``cfg`` instead.
+    """
+    requested = flatten(OmegaConf.to_container(cfg, resolve=True))
+    stored = flatten(checkpoint_config)
+    touched = (
+        set(requested) | set(stored) if overrides is None else touched_keys(overrides, compose, requested)
+    )
+    result, conflicts = dict(stored), []
+    for key in sorted(touched):
+        value, original = requested.get(key, MISSING), stored.get(key, MISSING)
+        if value == original or (original is MISSING and _is_new_option(key, stored)):
+            continue
+        if not is_operational(key):
+            conflicts.append(key)
+        elif value is not MISSING:
+            result[key] = value
+    if conflicts:
+        raise ConfigError(conflict_message(cfg.get("ckpt_path"), conflicts, requested, stored))
+    # Options that did not exist when the checkpoint was made take their requested (default) values.
+    result.update({key: value for key, value in requested.items() if _is_new_option(key, stored)})
+    return OmegaConf.create(unflatten(result))
+
+
+def _is_new_option(key: str, stored: Mapping[str, Any]) -> bool:
+    """No stored key is, contains or lies inside ``key``: the option is newer than the checkpoint."""
+    return not any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in stored)
+
+
+def conflict_message(
+    ckpt_path: Any, conflicts: list[str], requested: Mapping[str, Any], stored: Mapping[str, Any]
+) -> str:
+    """One line; a key present on one side only is shown at the level both sides have (``regularizer``)."""
+    requested_tree, stored_tree = unflatten(requested), unflatten(stored)
+    shown: dict[str, tuple[Any, Any]] = {}
+    for key in conflicts:
+        parts = key.split(".")
+        while len(parts) > 1 and MISSING in (_get(requested_tree, parts), _get(stored_tree, parts)):
+            parts = parts[:-1]
+        shown[".".join(parts)] = (_get(stored_tree, parts), _get(requested_tree, parts))
+    listed = "; ".join(
+        f"{key}: checkpoint {_show(old)}, requested {_show(new)}" for key, (old, new) in shown.items()
+    )
+    return (
+        f"ckpt_path={ckpt_path} continues the checkpoint's experiment, but these options would change it: "
+        f"{listed}. Drop those overrides to resume, or start a new run without ckpt_path."
+    )
+
+
+def _get(tree: Mapping[str, Any], parts: Sequence[str]) -> Any:
+    node: Any = tree
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
+def _show(value: Any) -> str:
+    if value is MISSING:
+        return "(absent)"
+    if isinstance(value, Mapping):  # a config group: its selected members, e.g. {constant_l2}
+        return "{" + ", ".join(map(str, value)) + "}"
+    return repr(value)
+
+
+def unflatten(leaves: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in sorted(leaves.items()):
+        node = tree
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if not (isinstance(value, Mapping) and not value and isinstance(node.get(last), dict)):
+            node[last] = value
+    return tree

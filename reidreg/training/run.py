@@ -1,0 +1,230 @@
+"""One training run, top to bottom: resume → build and check everything → record → fit → test → record.
+
+Everything that can be wrong with the request (options, data, backbone, regularizer plans, folders) is
+found while building, before the run directory receives anything: a run that never started leaves no
+half-results. From the first write on, ``run.json`` says what the run is: ``running``, then ``finished``,
+``failed``, ``diverged`` or ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
+
+from reidreg.errors import ConfigError, RunInterrupted, RunStopped
+from reidreg.regularizers import TrainingPlan, build_regularizers
+from reidreg.training.checkpointing import LAST, AtomicCheckpointIO, ResumePoint
+from reidreg.training.divergence import DivergenceGuard
+from reidreg.training.module import REPORTED_METRICS, ReIDModule
+from reidreg.training.resume import resumed_config, stored_config
+from reidreg.training.run_record import RunRecord
+from reidreg.utils.cli import continue_logging_in, one_line, print_metrics_table
+from reidreg.utils.config import instantiate
+from reidreg.utils.loggers import build_loggers
+
+log = logging.getLogger(__name__)
+
+
+def resolve_resume(
+    cfg: DictConfig, overrides: Sequence[str] | None, compose: Callable | None
+) -> tuple[DictConfig, str | None]:
+    """The run's config and the checkpoint it continues (``None`` for a new run).
+
+    ``ckpt_path`` given: that checkpoint's experiment (``reidreg.training.resume``). ``ckpt_path`` null and
+    the run directory already holds ``checkpoints/last.ckpt`` (a requeued job, or a run started again in
+    its own folder): it continues from there, with the same experiment checks.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        auto = Path(cfg.paths.output_dir) / "checkpoints" / LAST
+        if not auto.is_file():
+            return cfg, None
+        log.info("The run directory holds %s: resuming from it", auto)
+        ckpt_path, overrides = str(auto), None  # the job's own config must match the checkpoint's
+    checkpoint_config = stored_config(ckpt_path)
+    resumed = resumed_config(cfg, checkpoint_config, overrides=overrides, compose=compose)
+    resumed.ckpt_path = str(ckpt_path)
+    output_dir_given = any(o.split("=")[0].lstrip("+") == "paths.output_dir" for o in overrides or [])
+    if overrides is not None and not output_dir_given:  # the CLI continues the run in its own folder
+        resumed.paths.output_dir = str(original_run_dir(Path(ckpt_path), checkpoint_config))
+    return resumed, str(ckpt_path)
+
+
+def original_run_dir(ckpt_path: Path, checkpoint_config: dict[str, Any]) -> Path:
+    """Where the checkpoint's run lives: the folder holding ``checkpoints/`` (it may have been moved)."""
+    folder = ckpt_path.resolve().parent.parent
+    return folder if (folder / "config.yaml").is_file() else Path(checkpoint_config["paths"]["output_dir"])
+
+
+def build_module(cfg: DictConfig, num_classes: int, run_dir: Path) -> ReIDModule:
+    """The network, its losses and regularizers, wrapped in the LightningModule."""
+    regularizers = build_regularizers(cfg.regularizer)
+    if any(r.replaces_weight_decay for r in regularizers.values()) and cfg.optim.optimizer.get(
+        "weight_decay"
+    ):
+        raise ConfigError(
+            f"optim.optimizer.weight_decay={cfg.optim.optimizer.weight_decay} with an L2 regularizer would "
+            "count L2 twice; set optim.optimizer.weight_decay=0."
+        )
+    model = instantiate(cfg.model, backbone=instantiate(cfg.backbone), num_classes=num_classes)
+    module = ReIDModule(
+        model=model,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optim.optimizer),
+        schedule=OmegaConf.to_container(cfg.optim.schedule),
+        regularizers=regularizers,
+        freeze_backbone_epochs=cfg.freeze_backbone_epochs,
+        flip_test=cfg.evaluation.flip,
+        eval_metric=cfg.evaluation.metric,
+        rerank_test=cfg.evaluation.rerank,
+        run_dir=run_dir,
+    )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    return module
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, *, validate: bool, resume_step: int | None
+) -> tuple[pl.Trainer, ResumePoint]:
+    checkpoints = run_dir / "checkpoints"
+    resume_point = ResumePoint(
+        checkpoints,
+        every_n_steps=cfg.checkpoint.every_n_steps,
+        signals=tuple(cfg.checkpoint.signals),
+        requeue=cfg.checkpoint.requeue,
+    )
+    guard = DivergenceGuard(
+        factor=cfg.divergence.factor,
+        reference_steps=cfg.divergence.reference_steps,
+        check_every_n_steps=cfg.divergence.check_every_n_steps,
+    )
+    # The guard first: it vets every checkpoint before it is written.
+    callbacks: list[pl.Callback] = [guard, resume_point]
+    if validate:
+        best = pl.callbacks.ModelCheckpoint(
+            dirpath=checkpoints,
+            filename="best",
+            monitor=cfg.checkpoint.monitor,
+            mode="max",
+            enable_version_counter=False,
+        )
+        callbacks.insert(0, best)  # first: trainer.checkpoint_callback is the "best" one
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(pl.callbacks.RichProgressBar(leave=True))
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # One preemption mechanism: ResumePoint saves last.ckpt and requeues; Lightning's would add its own.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    overrides: dict[str, Any] = {} if validate else {"limit_val_batches": 0}
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=build_loggers(cfg, resume_step=resume_step),
+        plugins=plugins,
+        enable_checkpointing=True,
+        **overrides,
+    )
+    return trainer, resume_point
+
+
+def world_size(cfg: DictConfig) -> int:
+    devices = cfg.trainer.get("devices", 1)
+    per_node = devices if isinstance(devices, int) and devices > 0 else 1
+    return per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
+
+
+def run_training(
+    cfg: DictConfig, overrides: Sequence[str] | None = None, compose: Callable | None = None
+) -> dict[str, float]:
+    """Train and (unless ``cfg.test`` is false) test; returns the test metrics and ``val/best_mAP``."""
+    cfg, ckpt_path = resolve_resume(cfg, overrides, compose)
+    run_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Built and checked before the run directory gets anything: bad input fails here, in one line.
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    steps_per_epoch = datamodule.batches_per_epoch(world_size(cfg))
+    module = build_module(cfg, datamodule.num_classes, run_dir)
+    plan = TrainingPlan(
+        max_epochs=cfg.trainer.max_epochs,
+        steps_per_epoch=steps_per_epoch,
+        freeze_backbone_epochs=cfg.freeze_backbone_epochs,
+        pretrained_backbone=bool(cfg.backbone.get("pretrained", False)),
+        resuming=ckpt_path is not None,
+    )
+    for regularizer in module.regularizers.values():
+        regularizer.check(plan)
+    resume_step = checkpoint_global_step(ckpt_path) if ckpt_path else None
+    trainer, resume_point = build_trainer(
+        cfg, run_dir, validate=datamodule.has_validation, resume_step=resume_step
+    )
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    continue_logging_in(run_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    record = RunRecord(run_dir)
+    if trainer.is_global_zero:
+        record.start(provenance={}, resumed_from=ckpt_path, global_step=resume_step or 0)
+    try:
+        results = fit_and_test(cfg, trainer, module, datamodule, run_dir, ckpt_path)
+    except BaseException as error:
+        if trainer.is_global_zero:
+            status = error.status if isinstance(error, RunStopped) else "failed"
+            if resume_point.received is not None and not isinstance(error, RunStopped):
+                status = RunInterrupted.status  # e.g. submitit's handler exited after our save
+            record.finish(status, reason=one_line(error))
+        raise
+    if trainer.is_global_zero:
+        record.finish("finished")
+    return results
+
+
+def fit_and_test(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: ReIDModule,
+    datamodule: Any,
+    run_dir: Path,
+    ckpt_path: str | None,
+) -> dict[str, float]:
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    results: dict[str, float] = {}
+    if datamodule.has_validation and trainer.checkpoint_callback.best_model_score is not None:
+        results["val/best_mAP"] = float(trainer.checkpoint_callback.best_model_score)
+        for logger in trainer.loggers:  # W&B sweeps select on it (sweeps/wandb/l2_search_*.yaml)
+            logger.log_metrics({"val/best_mAP": results["val/best_mAP"]}, step=trainer.global_step)
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if datamodule.has_validation else ""
+        results.update(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
+        if trainer.is_global_zero:
+            checkpoint = best or "final weights (no validation hold-out)"
+            (run_dir / "test_metrics.json").write_text(
+                json.dumps({**results, "checkpoint": str(checkpoint)}, indent=2) + "\n"
+            )
+            print_metrics_table(f"Test ({cfg.dataset.name})", results, REPORTED_METRICS)
+    if trainer.is_global_zero:
+        log.info("Run directory: %s", run_dir.resolve())
+        for name, path in [
+            ("resolved config", run_dir / "config.yaml"),
+            ("run status", run_dir / "run.json"),
+            ("CSV metrics", run_dir / "csv" / "metrics.csv"),
+            ("checkpoints", run_dir / "checkpoints"),
+            ("test metrics", run_dir / "test_metrics.json"),
+        ]:
+            if path.exists():
+                print(f"  {name:16s} {path}")
+    return results
+
+
+def checkpoint_global_step(ckpt_path: str) -> int:
+    import torch
+
+    return int(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
