@@ -26,8 +26,9 @@ def _model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_runs_fast_dev_run(tiny_config, preset):
-    cfg = tiny_config(f"experiment={preset}", "backbone=test_resnet", "trainer.fast_dev_run=true")
-    results = train(cfg)
+    # Evaluation batches of 8: fast_dev_run evaluates one, which must hold queries and their matches.
+    overrides = ("backbone=test_resnet", "trainer.fast_dev_run=true", "data.batch_size_test=8")
+    results = train(tiny_config(f"experiment={preset}", *overrides))
     assert 0.0 <= results["test/mAP"] <= 1.0
 
 

@@ -8,8 +8,8 @@
   training epoch, and when the job is asked to stop by a signal (``signals``: SLURM sends SIGUSR1 or SIGUSR2
   before a preemption or time limit, then SIGTERM). The signal handler only records the signal; the
   checkpoint is written at the next safe point (after the current training step, or after the current
-  validation), the previous handler of that signal then runs (submitit's requeue, for example), and the run
-  stops with ``RunInterrupted``. With ``requeue`` inside a SLURM job and no other handler, the job is
+  validation), the job's own handler of that signal then runs (submitit's requeue, for example), and the
+  run stops with ``RunInterrupted``. With ``requeue`` inside a SLURM job and no other handler, the job is
   requeued with ``scontrol requeue``; the requeued job finds ``last.ckpt`` in its run directory and resumes.
 
 Every resume point restores the exact training state: weights, optimizers, loop progress, the sampler's
@@ -107,6 +107,7 @@ class ResumePoint(pl.Callback):
         self.every_n_steps, self.requeue = every_n_steps, requeue
         self.signals = tuple(signal_by_name(name) for name in signals)
         self._received: signal.Signals | None = None
+        self._job_handlers: dict[signal.Signals, Any] = {}
         self._previous_handlers: dict[signal.Signals, Any] = {}
 
     # ------------------------------------------------------------------ when to save
@@ -131,15 +132,20 @@ class ResumePoint(pl.Callback):
 
     def save(self, trainer: pl.Trainer) -> None:
         if not trainer.fast_dev_run:
-            trainer.save_checkpoint(self.path)
+            _save(trainer, self.path)
 
     # ------------------------------------------------------------------ signals
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero and self.path.parent.is_dir():
+        if stage != "fit":
+            return
+        if trainer.is_global_zero and self.path.parent.is_dir():
             remove_stale_temporaries(self.path.parent)
+        # The job's own handlers (submitit's requeue, for one), before Lightning installs its SIGTERM one.
+        self._job_handlers = {number: signal.getsignal(number) for number in self.signals}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Installed after Lightning's own SIGTERM handler (registered once setup is done), which we chain to.
+        # Installed after Lightning's SIGTERM handler (registered once setup is done), which it replaces:
+        # Lightning's would stop the run at the epoch end, or in the middle of a validation, unsaved.
         for number in self.signals:
             self._previous_handlers[number] = signal.signal(number, self._record_signal)
 
@@ -170,19 +176,26 @@ class ResumePoint(pl.Callback):
 
     def _save_and_stop(self, trainer: pl.Trainer) -> None:
         received = self._received or signal.SIGTERM
-        trainer.save_checkpoint(self.path)
+        _save(trainer, self.path)
         message = (
             f"received {received.name} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
             f"resume point saved to {self.path}; resume with ckpt_path={self.path}"
         )
         log.warning(message)
-        previous = self._previous_handlers.get(received)
+        job_handler = self._job_handlers.get(received)
         self.teardown(trainer, trainer.lightning_module, "fit")
-        if callable(previous):
-            previous(received, None)  # e.g. submitit: requeues the job (and may exit the process here)
+        if callable(job_handler):
+            job_handler(received, None)  # e.g. submitit: requeues the job (and may exit the process here)
         elif self.requeue and trainer.is_global_zero:
             _requeue_slurm_job()
         raise RunInterrupted(message)
+
+
+def _save(trainer: pl.Trainer, path: Path) -> None:
+    # The loggers write out what they hold first: the history up to this step survives any later kill.
+    for logger in trainer.loggers:
+        logger.save()
+    trainer.save_checkpoint(path)
 
 
 def _requeue_slurm_job() -> None:

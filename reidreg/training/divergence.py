@@ -5,7 +5,9 @@ Watched at every training step, on the device (no host synchronisation in the st
 * the optimised loss is non-finite (NaN/inf);
 * the gradients are non-finite, read after AMP unscaling (not under ``16-mixed``, where an overflowing
   step is expected now and then: the GradScaler skips it and lowers its scale);
-* the loss exceeds ``factor`` × its early level, the median over the first ``reference_steps`` steps.
+* the loss exceeds ``factor`` × its early level: the lowest loss of the first ``reference_steps`` steps
+  (from the second step on, so that a run exploding at once is caught too; the lowest, because an
+  exploding step inside the window must not raise the reference).
 
 The accumulated verdict is read every ``check_every_n_steps`` steps, at every epoch end and before any
 checkpoint is written, so no checkpoint (neither ``last`` nor ``best``) is taken from a diverged state. A
@@ -32,7 +34,7 @@ class DivergenceGuard(pl.Callback):
         self,
         *,
         factor: float = 10.0,
-        reference_steps: int = 20,
+        reference_steps: int = 5,
         check_every_n_steps: int = 20,
         check_gradients: bool = True,
         lr_hint: str = "optim.optimizer.lr",
@@ -43,8 +45,8 @@ class DivergenceGuard(pl.Callback):
             check_gradients,
             lr_hint,
         )
-        self.reference: float | None = None  # early loss level (host float once known; checkpointed)
-        self._early: list[torch.Tensor] = []
+        self.reference: torch.Tensor | None = None  # early loss level (0-dim, on the device; checkpointed)
+        self.steps_seen = 0
         self._bad: torch.Tensor | None = None  # 0-dim bool: something went wrong since the last check
         self._first_bad: dict[str, torch.Tensor] = {}  # step, loss and reason code of the first bad step
         self._unscaled_gradients = True
@@ -69,14 +71,15 @@ class DivergenceGuard(pl.Callback):
         if loss is None:
             return
         loss, step = loss.detach().float(), trainer.global_step - 1  # the step that has just been taken
-        self._flag(~loss.isfinite(), step=step, reason=NON_FINITE, loss=loss)
+        finite = loss.isfinite()
+        self._flag(~finite, step=step, reason=NON_FINITE, loss=loss)
         if self.reference is None:
-            self._early.append(loss)
-            if len(self._early) == self.reference_steps:
-                self.reference = float(torch.stack(self._early).median())  # once per run
-                self._early = []
+            self.reference = torch.where(finite, loss, torch.inf)
         else:
             self._flag(loss > self.factor * self.reference, step=step, reason=EXPLODED, loss=loss)
+            if self.steps_seen < self.reference_steps:
+                self.reference = torch.where(finite, torch.minimum(self.reference, loss), self.reference)
+        self.steps_seen += 1
         if trainer.global_step % self.check_every_n_steps == 0:
             self.raise_if_diverged(trainer)
 
@@ -90,10 +93,13 @@ class DivergenceGuard(pl.Callback):
         self.raise_if_diverged(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference}
+        reference = None if self.reference is None else float(self.reference)
+        return {"reference": reference, "steps_seen": self.steps_seen}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.reference = state_dict["reference"]
+        self.steps_seen = state_dict["steps_seen"]
+        reference = state_dict["reference"]
+        self.reference = None if reference is None else torch.tensor(reference)
 
     # ------------------------------------------------------------------ verdict
     def _flag(self, bad: torch.Tensor, *, step: int, reason: int, loss: torch.Tensor | None = None) -> None:
@@ -106,6 +112,7 @@ class DivergenceGuard(pl.Callback):
             self._first_bad = {
                 "step": torch.zeros((), dtype=torch.long, device=bad.device),
                 "loss": torch.full((), float("nan"), device=bad.device),
+                "reference": torch.full((), float("nan"), device=bad.device),
                 "reason": torch.zeros((), dtype=torch.long, device=bad.device),
             }
         first = bad & ~self._bad
@@ -113,6 +120,9 @@ class DivergenceGuard(pl.Callback):
         self._first_bad["reason"] = torch.where(first, reason, self._first_bad["reason"])
         if loss is not None:
             self._first_bad["loss"] = torch.where(first, loss.to(bad.device), self._first_bad["loss"])
+        if self.reference is not None:
+            reference = self.reference.to(bad.device)
+            self._first_bad["reference"] = torch.where(first, reference, self._first_bad["reference"])
         self._bad = self._bad | bad
 
     def raise_if_diverged(self, trainer: pl.Trainer) -> None:
@@ -125,13 +135,13 @@ class DivergenceGuard(pl.Callback):
         if not bool(bad):
             return
         step, reason = int(self._first_bad["step"]), int(self._first_bad["reason"])
-        loss = float(self._first_bad["loss"])
+        loss, reference = float(self._first_bad["loss"]), float(self._first_bad["reference"])
         what = {
             NON_FINITE: f"the loss is {loss}",
             GRADIENT: "the gradients are not finite",
             EXPLODED: (
                 f"the loss {loss:.4g} is over divergence.factor={self.factor:g} times its early level "
-                f"{self.reference:.4g}"
+                f"{reference:.4g}"
             ),
         }[reason]
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None

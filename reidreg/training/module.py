@@ -99,22 +99,24 @@ class ReIDModule(pl.LightningModule):
         self._apply_epoch_schedule()
 
     def on_train_epoch_start(self) -> None:
-        self._apply_epoch_schedule()
+        lr = self._apply_epoch_schedule()
+        # Straight to the loggers, at the epoch's first step: part of the history a resume point keeps.
+        for logger in self.loggers:
+            logger.log_metrics({"train/lr": lr, "epoch": self.current_epoch}, step=self.global_step)
 
-    def _apply_epoch_schedule(self) -> None:
-        """What depends on the epoch alone: the frozen-backbone phase and the learning rate."""
+    def _apply_epoch_schedule(self) -> float:
+        """What depends on the epoch alone: the frozen-backbone phase and the learning rate (returned)."""
         # Optional head-only phase of the official code: the backbone (both copies of block 5) is frozen.
         trainable = self.current_epoch >= self.freeze_backbone_epochs
         for part in (self.model.backbone, self.model.regional_block5):
             if part is not None:
                 part.requires_grad_(trainable)
-        lr = set_epoch_lr(
+        return set_epoch_lr(
             self.main_optimizer.optimizer,
             self.current_epoch,
             frozen_epochs=self.freeze_backbone_epochs,
             **self.schedule,
         )
-        self.log("train/lr", lr, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self._pending_logs = {}
