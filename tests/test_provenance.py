@@ -251,3 +251,12 @@ def test_importing_it_loads_neither_torch_nor_lightning():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert output.stdout.strip() == "[]"
+
+
+def test_the_report_finds_every_field_it_compares(data_root):
+    from reidreg.reporting.environment import FIELDS, UNKNOWN, value_of
+
+    provenance = collect_provenance(
+        {"seed": 0}, dataset=_summary(data_root), precision="32-true", device="cpu", num_devices=1
+    )
+    assert [field.label for field in FIELDS if value_of(provenance, field) == UNKNOWN] == []
