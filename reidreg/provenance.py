@@ -268,7 +268,8 @@ def provenance_for_wandb(
 ) -> dict[str, Any]:
     """Flat ``provenance/<section>/<key>`` (and ``performance/<key>``) entries for W&B's config/summary.
 
-    Nested sections are joined with ``/``; the command line becomes one shell-quoted string.
+    Nested sections are joined with ``/``; the command line becomes one shell-quoted string. Either part
+    may be empty: the provenance is known when training starts, the performance when it ends.
     """
     flat: dict[str, Any] = {}
 
@@ -281,7 +282,8 @@ def provenance_for_wandb(
         else:
             flat[prefix] = value
 
-    add("provenance", dict(provenance))
+    if provenance:
+        add("provenance", dict(provenance))
     if performance:
         add("performance", dict(performance))
     return flat

@@ -242,6 +242,7 @@ def test_flat_keys_for_wandb():
         "performance/train_img_per_s": 120.5,
         "performance/peak_memory_mib": None,
     }
+    assert provenance_for_wandb({}, {"train_img_per_s": 1.5}) == {"performance/train_img_per_s": 1.5}
 
 
 def test_importing_it_loads_neither_torch_nor_lightning():
