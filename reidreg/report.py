@@ -8,8 +8,12 @@ parent of several):
   difference to the baseline and Welch's t-test (``reidreg.reporting.table``, ``reidreg.reporting.stats``);
 - ``map.png`` and, for adaptive L2, ``lambda_median_<method>_<dataset>.png`` (``reidreg.reporting.plots``).
 
-The Markdown report is also printed. Runs that did not finish and jobs of a multirun that never started
-are listed in it; so are differences between methods other than the method itself.
+The Markdown report is also printed. Runs that did not finish — failed, diverged or interrupted
+according to their ``run.json``, or without ``test_metrics.json`` — and jobs of a multirun that never
+started are listed in it and never averaged; so are differences between methods other than the method
+itself. The table shows each method's training speed and peak memory (``run.json``), and the report warns
+when the runs compared differ in their environment (software, code version, precision, device, dataset;
+``reidreg.reporting.environment``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from reidreg.reporting.gather import Run, Study, gather
+from reidreg.reporting.environment import environment_differences, shared_environment, without_provenance
+from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
 from reidreg.reporting.table import Row, build_rows, legend, markdown_table, write_csv
 
@@ -30,14 +36,26 @@ def _last_error_line(log_file: Path) -> str | None:
     return errors[-1] if errors else None
 
 
+def run_status(run: Run) -> str:
+    """Why a run is not averaged: its run.json status and reason, or what its files say."""
+    untested = run.config.get("test") is False
+    if run.status is None:  # made before run.json existed
+        if untested:
+            return "not tested (test=false)"
+        return "no test_metrics.json: failed, stopped or still running (no run.json: status unknown)"
+    if run.status == FINISHED:
+        return "finished, not tested (test=false)" if untested else "finished, but no test_metrics.json"
+    text = f"**{run.status}**" + (f": {run.reason}" if run.reason else "")
+    if run.status == "running":
+        text += " (still running, or killed before it could record how it ended)"
+    if run.metrics is not None:
+        text += "; its test_metrics.json is ignored"
+    return text
+
+
 def describe_unfinished(run: Run) -> str:
     """One list item: which run, what was asked of it, how far it got, where its logs are."""
-    status = (
-        "not tested (test=false)"
-        if run.config.get("test") is False
-        else "no test_metrics.json: failed, stopped or still running"
-    )
-    item = [f"- `{run.run_dir}`: {run.regularizer} on {run.dataset}, seed {run.seed}: {status}"]
+    item = [f"- `{run.run_dir}`: {run.regularizer} on {run.dataset}, seed {run.seed}: {run_status(run)}"]
     if run.overrides:
         item.append(f"  overrides: `{' '.join(run.overrides)}`")
     epoch = run.last_epoch()
@@ -52,21 +70,55 @@ def describe_unfinished(run: Run) -> str:
         item.append(
             f"  job log `{run.log_file}`" + (f", last error: `{error}`" if error else ", no error in it")
         )
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    if run.status in ("interrupted", "running") and last.is_file():
+        item.append(f"  resume with `ckpt_path={last}`")
     submitit = run.run_dir.parent / ".submitit"
     if submitit.is_dir():
         item.append(f"  submitit job logs (stdout/stderr of the job) in `{submitit}`")
     return "\n".join(item)
 
 
-def render(study: Study, rows: list[Row], notes: list[str], *, paths: list[Path], alpha: float) -> str:
+def _status_counts(runs: list[Run]) -> str:
+    counts: dict[str, int] = {}
+    for run in runs:
+        status = run.status or "status unknown"
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{count} {status}" for status, count in counts.items())
+
+
+def render(
+    study: Study,
+    rows: list[Row],
+    notes: list[str],
+    *,
+    paths: list[Path],
+    alpha: float,
+    describe: Callable[[Run], str],
+) -> str:
     sections = [
         f"# Comparison of {len(study.finished)} finished runs\n",
         "Runs gathered from " + ", ".join(f"`{path}`" for path in paths) + ".\n",
     ]
+    differences = environment_differences(study.finished, describe)
+    if differences:
+        sections.append(
+            "**Warning: the runs compared differ in their environment.** A run is reproducible only within "
+            "one environment, and such a difference alone can shift the metrics by as much as the methods "
+            "differ:\n"
+        )
+        sections += [f"- {difference}" for difference in differences]
+        sections.append("")
     sections.append(markdown_table(rows) if rows else "No finished run (no test_metrics.json) was found.")
     sections.append("\n" + legend(alpha))
+    environment = shared_environment(study.finished)
+    if environment:
+        sections.append(f"\nShared by every run compared that has a run.json: {environment}.")
     if study.unfinished:
-        sections.append(f"\n## Unfinished or failed runs ({len(study.unfinished)}), not in the table\n")
+        sections.append(
+            f"\n## Unfinished or failed runs ({len(study.unfinished)}), not in the table and never averaged"
+            f" ({_status_counts(study.unfinished)})\n"
+        )
         sections += [describe_unfinished(run) for run in study.unfinished]
     if study.missing:
         sections.append(f"\n## Missing runs ({len(study.missing)}): jobs of a multirun without a directory\n")
@@ -102,9 +154,25 @@ def report(
     labels = method_labels(finished)
     rows, notes = build_rows(finished, labels, baseline=baseline, alpha=alpha)
     notes += comparability_notes(finished, labels)
-    text = render(study, rows, notes, paths=paths, alpha=alpha)
+    legacy = without_provenance(finished)
+    if legacy:
+        which = (
+            "all of them" if len(legacy) == len(finished) else ", ".join(f"`{run.run_dir}`" for run in legacy)
+        )
+        notes.append(
+            f"{len(legacy)} of the {len(finished)} runs in the table have no run.json (made before reidreg "
+            "recorded it): counted as finished because they have test_metrics.json; their status, "
+            f"environment, speed and memory are unknown and not checked ({which})"
+        )
+    common = default_out_dir(paths)
 
-    out_dir = out_dir or default_out_dir(paths)
+    def describe(run: Run) -> str:
+        where = run.run_dir.relative_to(common) if run.run_dir != common else Path(run.run_dir.name)
+        return f"`{where}` ({labels[id(run)]}, seed {run.seed})"
+
+    text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe)
+
+    out_dir = out_dir or common
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.md", out_dir / "report.csv"]
     written[0].write_text(text)

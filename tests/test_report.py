@@ -363,3 +363,263 @@ def test_lambda_curves_are_the_median_over_seeds_per_step(tmp_path):
         "lambda_median_adaptive_l2_synthetic.png",
     ]
     assert all(p.stat().st_size > 1000 for p in written[2:])
+
+
+# ------------------------------------------------------------------ run.json: status, provenance, cost
+# A run's provenance as reidreg.provenance.collect_provenance records it (test_provenance.py checks that
+# every field the report compares is in a real one).
+PROVENANCE: dict[str, Any] = {
+    "versions": {
+        "python": "3.11.7",
+        "torch": "2.14.1+cu130",
+        "cuda": "13.0",
+        "hip": None,
+        "cudnn": 92400,
+        "lightning": "2.6.6",
+        "timm": "1.0.31",
+        "torchvision": "0.29.1",
+        "numpy": "2.4.6",
+        "reidreg": "0.1.0",
+    },
+    "git": {"commit": "c46f115a3811bb416b1cf0953e09c072d2991cc6", "dirty": False, "diff_sha256": None},
+    "host": {"hostname": "vm", "platform": "Linux-6.1-x86_64", "cpu_model": "Xeon", "cpu_count": 2},
+    "device": {"type": "cpu", "model": "Xeon", "count": 1, "capability": None, "memory_mib": None},
+    "precision": "32-true",
+    "numerics": {
+        "float32_matmul_precision": "highest",
+        "cuda_matmul_allow_tf32": False,
+        "cudnn_allow_tf32": True,
+        "deterministic_algorithms": False,
+        "cudnn_benchmark": False,
+    },
+    "seed": 0,
+    "dataset": {
+        "name": "synthetic",
+        "root": "/data/synthetic-v1-i200-c4-n16-128x64-d100-j50-s0",
+        "splits": {
+            "train": {"images": 1600, "ids": 100},
+            "query": {"images": 390, "ids": 100},
+            "gallery": {"images": 1360, "ids": 250},
+        },
+        "listing_sha256": "0" * 64,
+        "held_out": {
+            "train": {"images": 1520, "ids": 95},
+            "val_query": {"images": 19, "ids": 5},
+            "val_gallery": {"images": 61, "ids": 5},
+        },
+        "synthetic": {"generator_version": 1, "preset": "quickstart", "num_ids": 200, "seed": 0},
+    },
+    "command": ["-m", "reidreg.train", "experiment=quickstart"],
+}
+
+
+@pytest.fixture
+def provenance() -> dict[str, Any]:
+    return json.loads(json.dumps(PROVENANCE))
+
+
+def write_run_json(
+    run_dir: Path,
+    provenance: dict[str, Any] | None,
+    *,
+    status: str = "finished",
+    reason: str | None = None,
+    changes: dict[str, Any] | None = None,
+    img_per_s: float | None = None,
+    peak_memory_mib: float | None = None,
+) -> Path:
+    """run.json as reidreg.train writes it (COMMON.md layout); ``changes``: dotted provenance keys to set."""
+    provenance = json.loads(json.dumps(provenance)) if provenance is not None else None
+    for key, value in (changes or {}).items():
+        node = provenance
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    info = {
+        "status": status,
+        "reason": reason,
+        "started_at": "2025-01-01T10:00:00+00:00",
+        "ended_at": None if status == "running" else "2025-01-01T10:05:00+00:00",
+        "wall_time_s": None if status == "running" else 300.0,
+        "provenance": provenance,
+        "performance": {
+            "train_img_per_s": img_per_s,
+            "train_ms_per_step": None if img_per_s is None else 1000 * 64 / img_per_s,
+            "peak_memory_mib": peak_memory_mib,
+        },
+        "resumes": [],
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    return run_dir
+
+
+def test_runs_in_different_precisions_are_reported_with_a_warning_naming_the_field(tmp_path, provenance):
+    # Two quickstart-like runs of the baseline, one in 32-bit, one in bf16 mixed precision.
+    quickstart = {"trainer.max_epochs": 15, "backbone.name": "test_resnet"}
+    a = make_run(tmp_path / "a", seed=0, mAP=0.5997, config=quickstart)
+    b = make_run(tmp_path / "b", seed=1, mAP=0.5914, config=quickstart)
+    write_run_json(a, provenance)
+    write_run_json(b, provenance, changes={"precision": "bf16-mixed"})
+    text, _ = report([a, b], plots=False)
+    assert (
+        "- synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); "
+        "bf16-mixed (1 run: `b` (none, seed 1))"
+    ) in text
+    assert text.index("Warning: the runs compared differ") < text.index("| method |")  # above the table
+    shared = text.split("Shared by every run compared that has a run.json: ")[1].split("\n")[0]
+    assert f"torch {provenance['versions']['torch']}" in shared and "precision 32-true" not in shared
+    assert "| none | synthetic | 2 | 59.55 ± 0.59 | baseline |" in text  # still reported, with the warning
+
+    # The same environment: no warning.
+    write_run_json(b, provenance)
+    assert "Warning" not in report([a, b], plots=False)[0]
+
+
+def test_fields_that_split_the_runs_alike_share_one_warning(tmp_path, provenance):
+    new_torch = {"versions.torch": "2.5.0+cu124", "versions.cuda": "12.4"}
+    specs = [
+        ("none", 0, {}),
+        ("none", 1, new_torch),
+        ("sgsl", 0, new_torch),
+        ("sgsl", 1, {**new_torch, "device.model": "Other CPU"}),
+    ]
+    for index, (regularizer, seed, changes) in enumerate(specs):
+        run = make_run(tmp_path / str(index), regularizer=regularizer, seed=seed, job_num=index)
+        write_run_json(run, provenance, changes=changes)
+    # A second dataset is another dataset by design: its identity is not compared with synthetic's.
+    other = make_run(tmp_path / "4", dataset="market1501", job_num=4)
+    write_run_json(
+        other, provenance, changes={"dataset.name": "market1501", "dataset.listing_sha256": "f" * 64}
+    )
+    text, _ = report([tmp_path], plots=False)
+    warnings = [line for line in text.splitlines() if line.startswith("- synthetic: runs differ")]
+    assert warnings == [
+        "- synthetic: runs differ in torch, CUDA: "
+        f"torch {provenance['versions']['torch']}, CUDA {provenance['versions']['cuda']} "
+        "(1 run: `0` (none, seed 0)); "
+        "torch 2.5.0+cu124, CUDA 12.4 (3 runs: `1` (none, seed 1), `2` (sgsl, seed 0), `3` (sgsl, seed 1))",
+        f"- synthetic: runs differ in device model: {provenance['device']['model']} "
+        "(3 runs: `0` (none, seed 0), `1` (none, seed 1), `2` (sgsl, seed 0)); "
+        "Other CPU (1 run: `3` (sgsl, seed 1))",
+    ]
+    assert "market1501: runs differ" not in text
+
+
+def test_speed_and_memory_columns_with_the_ratio_to_the_baseline(tmp_path, provenance):
+    specs = [  # regularizer, seed, img/s, peak MiB
+        ("none", 0, 100.0, 500.0),
+        ("none", 1, 110.0, 510.0),
+        ("none", 2, 90.0, 505.0),
+        ("adversarial", 0, 64.0, 700.0),
+        ("adversarial", 1, 66.0, 720.0),
+        ("adversarial", 2, 65.0, 710.0),
+    ]
+    adversarial = {"regularizer.adversarial": {"_target_": "reidreg.regularizers.adversarial.Adversarial"}}
+    for index, (regularizer, seed, speed, memory) in enumerate(specs):
+        config = adversarial if regularizer == "adversarial" else {}
+        run = make_run(tmp_path / str(index), seed=seed, job_num=index, config=config)
+        write_run_json(run, provenance, img_per_s=speed, peak_memory_mib=memory)
+    make_run(tmp_path / "6", regularizer="sgsl", job_num=6)  # made before run.json: cost unknown
+    text, _ = report([tmp_path], plots=False)
+    header = next(line for line in text.splitlines() if line.startswith("| method |"))
+    assert header.endswith("| p | img/s | img/s ÷ base | peak MiB |")
+    assert "| none | synthetic | 3 | 50.00 ± 0.00 | baseline |" in text
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["none"].endswith("| 100.0 | baseline | 510 |")  # median img/s; largest peak memory
+    assert rows["adversarial"].endswith("| 65.0 | 0.65 | 720 |")
+    assert rows["sgsl"].endswith("| n/a | n/a | n/a |")
+    assert "1 of the 7 runs in the table have no run.json" in text and f"`{tmp_path / '6'}`" in text
+    with (tmp_path / "report.csv").open() as file:
+        csv_rows = {row["method"]: row for row in csv.DictReader(file)}
+    adversarial = csv_rows["adversarial"]
+    assert float(adversarial["train_img_per_s_median"]) == pytest.approx(65.0)
+    assert float(adversarial["train_img_per_s_ratio"]) == pytest.approx(0.65)
+    assert adversarial["train_img_per_s_values"] == "64.00;66.00;65.00"
+    assert float(adversarial["train_ms_per_step_median"]) == pytest.approx(64000 / 65)
+    assert float(adversarial["peak_memory_mib_max"]) == pytest.approx(720.0)
+    assert float(csv_rows["none"]["train_img_per_s_ratio"]) == pytest.approx(1.0)
+    assert csv_rows["sgsl"]["train_img_per_s_median"] == "" and csv_rows["sgsl"]["peak_memory_mib_max"] == ""
+
+
+def test_diverged_failed_and_interrupted_runs_are_listed_and_never_averaged(tmp_path, provenance):
+    ok = make_run(tmp_path / "0", seed=0, mAP=0.50)
+    write_run_json(ok, provenance)
+    # Diverged and failed runs that still left a normal-looking test_metrics.json behind.
+    diverged = make_run(tmp_path / "1", seed=1, mAP=0.01, config={"optim.optimizer.lr": 1e6})
+    write_run_json(diverged, provenance, status="diverged", reason="train/loss is nan at step 3 (epoch 0)")
+    failed = make_run(tmp_path / "2", seed=2, mAP=0.90)
+    write_run_json(
+        failed,
+        provenance,
+        status="failed",
+        reason="RuntimeError: CUDA out of memory",
+        changes={"precision": "bf16-mixed"},  # differs, but the run is not compared: no warning
+    )
+    interrupted = make_run(tmp_path / "3", seed=3, mAP=None)
+    write_run_json(interrupted, provenance, status="interrupted", reason="SIGTERM (preempted)")
+    (interrupted / "checkpoints").mkdir()
+    (interrupted / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    running = make_run(tmp_path / "4", seed=4, mAP=0.70)
+    write_run_json(running, provenance, status="running")
+    unreadable = make_run(tmp_path / "5", seed=5, mAP=0.70)
+    (unreadable / "run.json").write_text('{"status": "fini')  # cut short
+    legacy_failed = make_run(tmp_path / "6", seed=6, mAP=None)
+
+    study = gather([tmp_path])
+    assert [run.run_dir.name for run in study.finished] == ["0"]
+    assert [run.status for run in study.unfinished] == [
+        "diverged",
+        "failed",
+        "interrupted",
+        "running",
+        "unreadable",
+        None,
+    ]
+    text, _ = report([tmp_path], plots=False)
+    assert "| none | synthetic | 1 | 50.00 | baseline |" in text  # only the finished run is averaged
+    assert "Warning" not in text
+    section = text.split("## Unfinished or failed runs (6), not in the table and never averaged")[1]
+    assert section.startswith(
+        " (1 diverged, 1 failed, 1 interrupted, 1 running, 1 unreadable, 1 status unknown)"
+    )
+    assert (
+        f"- `{diverged}`: none on synthetic, seed 1: **diverged**: train/loss is nan at step 3 (epoch 0); "
+        "its test_metrics.json is ignored\n"
+    ) in section
+    assert (
+        f"`{failed}`: none on synthetic, seed 2: **failed**: RuntimeError: CUDA out of memory; its" in section
+    )
+    assert f"`{interrupted}`: none on synthetic, seed 3: **interrupted**: SIGTERM (preempted)\n" in section
+    assert f"resume with `ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}`" in section
+    assert f"`{running}`: none on synthetic, seed 4: **running** (still running, or killed before" in section
+    assert (
+        f"`{unreadable}`: none on synthetic, seed 5: **unreadable**: run.json is not valid JSON (" in section
+    )
+    assert (
+        f"`{legacy_failed}`: none on synthetic, seed 6: "
+        "no test_metrics.json: failed, stopped or still running (no run.json: status unknown)"
+    ) in section
+    with (tmp_path / "report.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["method"], row["n"], row["mAP_values"]) for row in rows] == [("none", "1", "50.0000")]
+
+
+def test_report_cli_warns_about_precision(tmp_path, provenance):
+    """``python -m reidreg.report`` as typed: the warning is printed and written."""
+    import subprocess
+    import sys
+
+    write_run_json(make_run(tmp_path / "a", seed=0, mAP=0.60), provenance)
+    write_run_json(make_run(tmp_path / "b", seed=1, mAP=0.59), provenance, changes={"precision": "16-mixed"})
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "reidreg.report", str(tmp_path), "--no-plots"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    line = "- synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); 16-mixed (1 run: `b`"
+    assert line in result.stdout and line in (tmp_path / "report.md").read_text()

@@ -1,12 +1,18 @@
 """Find the runs of a study on disk: the finished ones, the unfinished or failed ones, the missing ones.
 
-A run directory is what ``reidreg.train`` writes: ``config.yaml`` (the resolved config), ``csv/metrics.csv``
-and, once tested, ``test_metrics.json``. When Hydra launched the run it also holds ``.hydra/`` (the job's
+A run directory is what ``reidreg.train`` writes: ``config.yaml`` (the resolved config), ``csv/metrics.csv``,
+``run.json`` (status, reason, provenance and performance, kept up to date while the run goes) and, once
+tested, ``test_metrics.json``. When Hydra launched the run it also holds ``.hydra/`` (the job's
 ``overrides.yaml``; ``hydra.yaml`` with the job number and the chosen config-group options, among them
 ``experiment``) and the job log ``<job name>.log``. A Hydra multirun directory holds one run directory
 per job; the basic sweeper also leaves ``multirun.yaml`` there, from which the jobs the sweep was meant
 to run are rebuilt exactly as Hydra built them (sweeps that set ``n_trials``, such as Optuna's, give a
 count of jobs instead). Jobs without a directory are reported as missing, never silently dropped.
+
+A run is *finished* — averaged in the report — only when it has test metrics and its ``run.json`` says
+``finished``: a failed, diverged or interrupted run never is, even with a ``test_metrics.json`` next to
+it. Runs made before ``run.json`` existed have none: they count as finished when tested, and their
+status, environment and cost are unknown.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from reidreg.utils.config import regularizer_name
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "test_metrics.json"
+RUN_INFO_FILE = "run.json"
+FINISHED = "finished"
 HYDRA_DIR = ".hydra"
 MULTIRUN_FILE = "multirun.yaml"
 CSV_METRICS = Path("csv") / "metrics.csv"
@@ -35,14 +43,37 @@ class Run:
     run_dir: Path
     config: dict[str, Any]  # resolved config.yaml; Hydra's unresolved .hydra/config.yaml if that is missing
     metrics: dict[str, float] | None  # test_metrics.json; None when the run has not written it
+    info: dict[str, Any] | None = None  # run.json; None for a run made before reidreg wrote it
     overrides: list[str] = field(default_factory=list)  # the job's command-line overrides (.hydra)
     choices: dict[str, Any] = field(default_factory=dict)  # chosen option of every config group (.hydra)
     job_num: int | None = None  # position of the job in its multirun
     job_name: str | None = None  # Hydra's job name; the job log is <run_dir>/<job_name>.log
 
     @property
+    def status(self) -> str | None:
+        """run.json's status (running, finished, failed, diverged, interrupted); None without run.json."""
+        if self.info is None:
+            return None
+        return str(self.info.get("status") or "unknown")
+
+    @property
+    def reason(self) -> str | None:
+        return None if self.info is None else self.info.get("reason")
+
+    @property
     def finished(self) -> bool:
-        return self.metrics is not None
+        """Tested and, if it has a run.json, recorded as finished: the runs that are averaged."""
+        return self.metrics is not None and self.status in (None, FINISHED)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """run.json's provenance ({} without it): see ``reidreg.provenance``."""
+        return dict((self.info or {}).get("provenance") or {})
+
+    @property
+    def performance(self) -> dict[str, Any]:
+        """run.json's performance ({} without it): train_img_per_s, train_ms_per_step, peak_memory_mib."""
+        return dict((self.info or {}).get("performance") or {})
 
     @property
     def seed(self) -> Any:
@@ -100,7 +131,7 @@ class Study:
 
 
 def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, HYDRA_DIR))
+    return any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, RUN_INFO_FILE, HYDRA_DIR))
 
 
 def find_run_dirs(path: Path) -> list[Path]:
@@ -118,6 +149,19 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
 
 
+def load_run_info(path: Path) -> dict[str, Any] | None:
+    """run.json as a dict; None without the file; an ``unreadable`` status if it is not a JSON object."""
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return {"status": "unreadable", "reason": f"{path.name} is not valid JSON ({error})"}
+    if not isinstance(info, dict):
+        return {"status": "unreadable", "reason": f"{path.name} holds a {type(info).__name__}, not an object"}
+    return info
+
+
 def load_run(run_dir: Path) -> Run:
     config = _load_yaml(run_dir / CONFIG_FILE) or _load_yaml(run_dir / HYDRA_DIR / "config.yaml")
     metrics_path = run_dir / METRICS_FILE
@@ -129,6 +173,7 @@ def load_run(run_dir: Path) -> Run:
         run_dir=run_dir,
         config=config,
         metrics=metrics,
+        info=load_run_info(run_dir / RUN_INFO_FILE),
         overrides=[str(o) for o in _load_overrides(run_dir / HYDRA_DIR / "overrides.yaml")],
         choices=dict(hydra.get("runtime", {}).get("choices", {})),
         job_num=num if isinstance(num, int) and hydra.get("mode") == "MULTIRUN" else None,

@@ -1,5 +1,11 @@
 """The comparison table: one row per method × dataset, its test metrics over seeds and its difference
-to the baseline of the same dataset, with the test of ``reidreg.reporting.stats``; as Markdown and CSV.
+to the baseline of the same dataset, with the test of ``reidreg.reporting.stats``, and its cost; as
+Markdown and CSV.
+
+Cost, from each run's ``run.json`` ``performance`` (runs without it are left out of these figures): the
+median training throughput over seeds (images per second) and its ratio to the baseline's median (below 1:
+slower than the baseline), the median time per training step, and the largest peak memory of the seeds
+(MiB; what a run of the method needs).
 
 The baseline is ``--baseline`` if given, else the method ``none``, else the first method trained without
 a regularizer (in a study of presets: the first preset, e.g. ``table3_1_minimal/none``).
@@ -12,6 +18,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from reidreg.reporting.gather import Run
 from reidreg.reporting.stats import Summary, holm_adjust, summarize, welch_p_value
@@ -30,12 +38,42 @@ class MetricComparison:
 
 
 @dataclass
+class Cost:
+    """What a method's runs cost, from run.json; None where no run recorded it."""
+
+    img_per_s: float | None  # median over seeds
+    ms_per_step: float | None  # median over seeds
+    peak_memory_mib: float | None  # largest over seeds
+    img_per_s_values: list[float] = field(default_factory=list)  # per run that recorded it
+    peak_memory_values: list[float] = field(default_factory=list)
+    img_per_s_ratio: float | None = None  # median img/s ÷ the baseline's median img/s
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> Cost:
+        def recorded(key: str) -> list[float]:
+            values = [run.performance.get(key) for run in runs]
+            return [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+
+        img_per_s, ms_per_step, memory = (
+            recorded(key) for key in ("train_img_per_s", "train_ms_per_step", "peak_memory_mib")
+        )
+        return cls(
+            img_per_s=float(np.median(img_per_s)) if img_per_s else None,
+            ms_per_step=float(np.median(ms_per_step)) if ms_per_step else None,
+            peak_memory_mib=max(memory) if memory else None,
+            img_per_s_values=img_per_s,
+            peak_memory_values=memory,
+        )
+
+
+@dataclass
 class Row:
     method: str
     dataset: str
     runs: list[Run]
     is_baseline: bool = False
     metrics: dict[str, MetricComparison] = field(default_factory=dict)
+    cost: Cost = field(default_factory=lambda: Cost(None, None, None))
 
     @property
     def seeds(self) -> list:
@@ -64,6 +102,7 @@ def build_rows(
             for metric in METRICS:
                 values = [100 * float(run.metrics[f"test/{metric}"]) for run in row.runs]
                 row.metrics[metric] = MetricComparison(summarize(values), values)
+            row.cost = Cost.of(row.runs)
             repeated = [seed for seed, count in Counter(map(str, row.seeds)).items() if count > 1]
             if repeated:
                 notes.append(
@@ -85,6 +124,10 @@ def build_rows(
 def _compare(rows: list[Row], reference: Row, alpha: float) -> None:
     """Fill delta, p, Holm-adjusted p and significance of every row against ``reference``, per metric."""
     others = [row for row in rows if row is not reference]
+    if reference.cost.img_per_s:
+        for row in rows:
+            if row.cost.img_per_s is not None:
+                row.cost.img_per_s_ratio = row.cost.img_per_s / reference.cost.img_per_s
     for metric in METRICS:
         base = reference.metrics[metric]
         for row in others:
@@ -109,9 +152,10 @@ def markdown_table(rows: list[Row]) -> str:
     header = ["method", "dataset", "n"]
     for metric in METRICS:
         header += [f"{metric} (%)", f"Δ {metric}", "p"]
+    header += ["img/s", "img/s ÷ base", "peak MiB"]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---", "---", "--:"] + ["--:"] * 3 * len(METRICS)) + "|",
+        "|" + "|".join(["---", "---", "--:"] + ["--:"] * (3 * len(METRICS) + 3)) + "|",
     ]
     for row in rows:
         cells = [row.method, row.dataset, str(len(row.runs))]
@@ -128,6 +172,8 @@ def markdown_table(rows: list[Row]) -> str:
                     f"{comparison.delta:+.2f}{star}",
                     _number(comparison.p, ".3f"),
                 ]
+        ratio = "baseline" if row.is_baseline and row.cost.img_per_s else _number(row.cost.img_per_s_ratio)
+        cells += [_number(row.cost.img_per_s, ".1f"), ratio, _number(row.cost.peak_memory_mib, ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -137,7 +183,10 @@ def legend(alpha: float) -> str:
         "Test metrics in %, mean ± sample std (ddof = 1) over the n seeds. Δ: difference of means to the "
         "baseline on the same dataset, in points. p: Welch's two-sided t-test over seeds (unequal "
         f"variances); * = significant at α = {alpha} after Holm's correction over the methods compared "
-        "with that baseline (per metric and dataset). n/a: fewer than 2 seeds on a side, no test."
+        "with that baseline (per metric and dataset). n/a: fewer than 2 seeds on a side, no test. "
+        "img/s: median training throughput over the seeds (run.json); img/s ÷ base: that median divided by "
+        "the baseline's (below 1 = slower); peak MiB: the largest peak memory of the seeds; n/a: not "
+        "recorded."
     )
 
 
@@ -147,6 +196,14 @@ def write_csv(rows: list[Row], path: Path) -> None:
         fields += [
             f"{metric}_{key}" for key in ("mean", "std", "delta", "p", "p_holm", "significant", "values")
         ]
+    fields += [
+        "train_img_per_s_median",
+        "train_img_per_s_ratio",
+        "train_img_per_s_values",
+        "train_ms_per_step_median",
+        "peak_memory_mib_max",
+        "peak_memory_mib_values",
+    ]
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
@@ -168,4 +225,17 @@ def write_csv(rows: list[Row], path: Path) -> None:
                     f"{metric}_significant": "" if comparison.significant is None else comparison.significant,
                     f"{metric}_values": ";".join(f"{value:.4f}" for value in comparison.values),
                 }
+            cost = row.cost
+            record |= {
+                "train_img_per_s_median": _blank_if_none(cost.img_per_s),
+                "train_img_per_s_ratio": _blank_if_none(cost.img_per_s_ratio),
+                "train_img_per_s_values": ";".join(f"{value:.2f}" for value in cost.img_per_s_values),
+                "train_ms_per_step_median": _blank_if_none(cost.ms_per_step),
+                "peak_memory_mib_max": _blank_if_none(cost.peak_memory_mib),
+                "peak_memory_mib_values": ";".join(f"{value:.1f}" for value in cost.peak_memory_values),
+            }
             writer.writerow(record)
+
+
+def _blank_if_none(value: float | None) -> float | str:
+    return "" if value is None else value

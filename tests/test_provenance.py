@@ -1,0 +1,263 @@
+"""``reidreg.provenance``: what a run records about where its numbers came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from reidreg.data import build_dataset
+from reidreg.data.datamodule import hold_out_identities
+from reidreg.provenance import DatasetSummary, collect_provenance, git_state, provenance_for_wandb
+
+TINY = {"preset": "tiny"}
+
+
+def _summary(root: Path, *, seed: int = 0, **options) -> DatasetSummary:
+    options = {**TINY, **options}
+    dataset = build_dataset("synthetic", root, verbose=False, **options)
+    train, val_query, val_gallery = hold_out_identities(dataset.train, 2, seed)
+    return DatasetSummary.of(
+        dataset, train=train, val_query=val_query, val_gallery=val_gallery, options=options
+    )
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def test_collect_provenance_on_this_machine(data_root):
+    dataset = _summary(data_root)
+    cfg = OmegaConf.create({"seed": 7, "trainer": {"precision": 32}})
+    provenance = collect_provenance(cfg, dataset=dataset, precision="32-true", device="cpu", num_devices=1)
+    assert json.loads(json.dumps(provenance)) == provenance  # JSON-serialisable as is
+
+    versions = provenance["versions"]
+    assert versions["python"] == platform.python_version()
+    assert versions["torch"] == torch.__version__
+    assert versions["cuda"] == torch.version.cuda
+    assert versions["cudnn"] == (
+        torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    )
+    assert versions["numpy"] == np.__version__
+    import pytorch_lightning
+    import timm
+    import torchvision
+
+    assert versions["lightning"] == pytorch_lightning.__version__
+    assert versions["timm"] == timm.__version__
+    assert versions["torchvision"] == torchvision.__version__.split("+")[0]  # the package's, no build tag
+    assert isinstance(versions["reidreg"], str)
+
+    host = provenance["host"]
+    assert host["hostname"] and isinstance(host["hostname"], str)
+    assert host["platform"] == platform.platform()
+    assert host["cpu_count"] == os.cpu_count() and 1 <= host["cpus_available"] <= host["cpu_count"]
+    assert isinstance(host["cpu_model"], str) and host["cpu_model"]
+
+    assert provenance["device"] == {
+        "type": "cpu",
+        "model": host["cpu_model"],  # a CPU run's speed depends on the CPU
+        "count": 1,
+        "capability": None,
+        "memory_mib": None,
+    }
+    assert provenance["precision"] == "32-true"
+    assert provenance["numerics"]["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert provenance["numerics"]["deterministic_algorithms"] is torch.are_deterministic_algorithms_enabled()
+    assert provenance["seed"] == 7
+    assert provenance["command"] == sys.argv
+    assert provenance["dataset"] == dataset.as_dict()
+    # The tests run from a git checkout of reidreg (the package's own __init__.py is tracked).
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    assert provenance["git"]["commit"] == head.strip()
+    assert isinstance(provenance["git"]["dirty"], bool)
+
+
+def test_dataset_summary_counts_options_and_fingerprint(data_root, tmp_path):
+    summary = _summary(data_root, seed=0)
+    dataset = build_dataset("synthetic", data_root, verbose=False, **TINY)
+    assert summary.name == "synthetic"
+    assert summary.root == str(Path(dataset.root).resolve())
+    assert summary.splits == {
+        split: {"images": len(samples), "ids": len({pid for _, pid, _ in samples})}
+        for split, samples in (
+            ("train", dataset.train),
+            ("query", dataset.query),
+            ("gallery", dataset.gallery),
+        )
+    }
+    held = summary.held_out
+    assert held["val_query"]["ids"] == 2  # data.val_identities=2
+    assert sum(held[split]["images"] for split in held) == len(dataset.train)
+    assert summary.synthetic == {
+        "generator_version": 1,
+        "preset": "tiny",
+        "num_ids": 12,
+        "num_cameras": 3,
+        "images_per_id": 6,
+        "height": 64,
+        "width": 32,
+        "seed": 0,
+        "num_distractors": 6,
+        "num_junk": 3,
+    }
+
+    # The fingerprint names the files, not where the folder is, and not the seed's hold-out.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(data_root, moved)
+    assert _summary(moved).listing_sha256 == summary.listing_sha256
+    assert _summary(moved, seed=1).listing_sha256 == summary.listing_sha256
+    # ... but another generator option is another dataset.
+    assert _summary(data_root, num_distractors=3).listing_sha256 != summary.listing_sha256
+
+    # A real dataset (not synthetic) has no generator options; a file fewer changes the fingerprint.
+    folder = Path(dataset.root)
+    market = build_dataset("market1501", folder, verbose=False)
+    full = DatasetSummary.of(market, train=market.train, val_query=[], val_gallery=[])
+    assert full.synthetic is None and full.splits == summary.splits
+    victim = sorted((folder / "bounding_box_test").iterdir())[-1]
+    copy = tmp_path / "market"
+    shutil.copytree(folder, copy)
+    (copy / "bounding_box_test" / victim.name).unlink()
+    smaller = build_dataset("market1501", copy, verbose=False)
+    fewer = DatasetSummary.of(smaller, train=smaller.train, val_query=[], val_gallery=[])
+    assert fewer.listing_sha256 != full.listing_sha256
+
+
+def _git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A git repository with one commit holding a package ``pkg/`` (``pkg/__init__.py`` tracked)."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "__init__.py").write_text('"""pkg."""\n')
+    (repo / "pkg" / "module.py").write_text("X = 1\n")
+    (repo / ".gitignore").write_text("outputs/\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    return repo
+
+
+def test_git_commit_and_dirty_flag_in_a_checkout(checkout):
+    package = checkout / "pkg"
+    clean = git_state(package)
+    assert clean == {"commit": _git(checkout, "rev-parse", "HEAD"), "dirty": False, "diff_sha256": None}
+
+    (checkout / "outputs").mkdir()
+    (checkout / "outputs" / "run.json").write_text("{}")  # ignored files do not make it dirty
+    assert git_state(package) == clean
+
+    (package / "module.py").write_text("X = 2\n")
+    edited = git_state(package)
+    assert edited["commit"] == clean["commit"] and edited["dirty"] is True
+    assert len(edited["diff_sha256"]) == 64
+    assert git_state(package) == edited  # the same edit, the same fingerprint
+    (package / "module.py").write_text("X = 3\n")
+    assert git_state(package)["diff_sha256"] != edited["diff_sha256"]  # another edit, another one
+
+    (package / "module.py").write_text("X = 1\n")
+    (package / "new_regularizer.py").write_text("Y = 1\n")  # untracked code counts
+    assert git_state(package)["dirty"] is True
+
+
+def test_no_git_gives_null(checkout, tmp_path, monkeypatch, data_root):
+    # A package outside any repository, or inside one that does not track it (installed into a venv there).
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "__init__.py").write_text("")
+    assert git_state(tmp_path / "plain") is None
+    venv_package = checkout / "outputs" / "site-packages" / "pkg"
+    venv_package.mkdir(parents=True)
+    (venv_package / "__init__.py").write_text("")
+    assert git_state(venv_package) is None
+    # git not installed at all
+    monkeypatch.setenv("PATH", str(tmp_path / "no-binaries-here"))
+    assert git_state(checkout / "pkg") is None
+    provenance = collect_provenance(
+        {"seed": 0}, dataset=_summary(data_root), precision="32-true", device="cpu", num_devices=1
+    )
+    assert provenance["git"] is None
+
+
+def test_cuda_device_is_named_by_torch(monkeypatch, data_root):
+    """The CUDA branch with torch.cuda's answers replaced (no GPU here): name, capability and memory."""
+
+    class Properties:
+        major, minor, total_memory = 9, 0, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"NVIDIA H100 80GB HBM3 #{index}")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties)
+    provenance = collect_provenance(
+        {"seed": 0},
+        dataset={"name": "x"},
+        precision="bf16-mixed",
+        device=torch.device("cuda", 1),
+        num_devices=4,
+    )
+    assert provenance["device"] == {
+        "type": "cuda",
+        "model": "NVIDIA H100 80GB HBM3 #1",
+        "count": 4,
+        "capability": "9.0",
+        "memory_mib": 81920,
+    }
+    assert provenance["precision"] == "bf16-mixed" and provenance["dataset"] == {"name": "x"}
+
+
+def test_flat_keys_for_wandb():
+    provenance = {
+        "versions": {"torch": "2.14.1", "cuda": None},
+        "git": None,
+        "precision": "32-true",
+        "dataset": {"name": "synthetic", "splits": {"train": {"images": 36, "ids": 6}}},
+        "command": ["-m", "reidreg.train", "regularizer=[adaptive_l2,sgsl]"],
+    }
+    flat = provenance_for_wandb(provenance, {"train_img_per_s": 120.5, "peak_memory_mib": None})
+    assert flat == {
+        "provenance/versions/torch": "2.14.1",
+        "provenance/versions/cuda": None,
+        "provenance/git": None,
+        "provenance/precision": "32-true",
+        "provenance/dataset/name": "synthetic",
+        "provenance/dataset/splits/train/images": 36,
+        "provenance/dataset/splits/train/ids": 6,
+        "provenance/command": "-m reidreg.train 'regularizer=[adaptive_l2,sgsl]'",
+        "performance/train_img_per_s": 120.5,
+        "performance/peak_memory_mib": None,
+    }
+    assert provenance_for_wandb({}, {"train_img_per_s": 1.5}) == {"performance/train_img_per_s": 1.5}
+
+
+def test_importing_it_loads_neither_torch_nor_lightning():
+    code = "import sys, reidreg.provenance; print(sorted({'torch', 'pytorch_lightning'} & set(sys.modules)))"
+    root = Path(__file__).resolve().parents[1]
+    output = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert output.stdout.strip() == "[]"
+
+
+def test_the_report_finds_every_field_it_compares(data_root):
+    from reidreg.reporting.environment import FIELDS, UNKNOWN, value_of
+
+    provenance = collect_provenance(
+        {"seed": 0}, dataset=_summary(data_root), precision="32-true", device="cpu", num_devices=1
+    )
+    assert [field.label for field in FIELDS if value_of(provenance, field) == UNKNOWN] == []
