@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -190,6 +191,8 @@ def test_callbacks_per_mode():
     assert set(bar) == {"ThroughputMonitor", "ProgressLines", "RichProgressBar"}
     assert bar["ProgressLines"].logger.name == FILE_ONLY_LOGGER  # the bar on the console, lines in the file
     assert set(kinds("off", monitor=None, model_summary=False)) == {"ThroughputMonitor"}
+    composed = OmegaConf.create(progress_cfg(mode="lines", every_n_seconds=300))  # as cfg.progress gives it
+    assert len(console_callbacks(composed, monitor=None, model_summary=False)) == 2
 
 
 # ---------------------------------------------------------------------------------------------- lines
@@ -274,22 +277,15 @@ def test_validation_lines_with_best_so_far_agree_with_the_best_checkpoint(tmp_pa
 
 def test_best_so_far_survives_a_resume(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    last = pl.callbacks.ModelCheckpoint(
-        dirpath=tmp_path / "ckpt", filename="last", save_on_train_epoch_end=True
-    )
-    fit(
-        TinyModule(val_maps=(0.5, 0.7)),
-        tmp_path,
-        [ValidationSummary(), last],
-        max_epochs=2,
-        checkpointing=True,
-    )
+
+    def last():
+        return pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+
+    fit(TinyModule(val_maps=(0.5, 0.7)), tmp_path, [ValidationSummary(), last()], checkpointing=True)
     caplog.clear()
-    resumed = [ValidationSummary(), pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt2")]
+    resumed = [ValidationSummary(), last()]  # a new callback: its best comes from the checkpoint
     module = TinyModule(val_maps=(0.5, 0.7, 0.6))
-    fit(
-        module, tmp_path, resumed, max_epochs=3, ckpt_path=tmp_path / "ckpt" / "last.ckpt", checkpointing=True
-    )
+    fit(module, tmp_path, resumed, max_epochs=3, ckpt_path=tmp_path / "last.ckpt", checkpointing=True)
     assert messages(caplog) == [
         "epoch 3/3  val mAP 60.00 %  R1 70.00 %  mINP 50.00 %  (best 70.00 % @ epoch 2)"
     ]
