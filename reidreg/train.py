@@ -11,6 +11,7 @@ Reading order for a newcomer: ``train`` → ``reidreg.training.run`` (resume, bu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import hydra
@@ -51,6 +52,7 @@ def _compose_flat(overrides: Sequence[str]) -> dict:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    logging.captureWarnings(True)  # warnings reach the run's log file too
     results = run_cli(train, cfg, overrides=list(HydraConfig.get().overrides.task))
     # For sweepers that optimise a value (the Optuna L2 search): the validation mAP of the best checkpoint,
     # never a test metric, so that a search does not select on the test set.

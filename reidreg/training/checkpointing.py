@@ -195,7 +195,7 @@ def _save(trainer: pl.Trainer, path: Path) -> None:
     # The loggers write out what they hold first: the history up to this step survives any later kill.
     for logger in trainer.loggers:
         logger.save()
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)
 
 
 def _requeue_slurm_job() -> None:

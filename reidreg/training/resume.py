@@ -50,7 +50,6 @@ OPERATIONAL = (
     "trainer.strategy",
     "trainer.max_epochs",
     "trainer.log_every_n_steps",
-    "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.default_root_dir",
     "trainer.fast_dev_run",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,19 +18,25 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from reidreg.errors import ConfigError, RunInterrupted, RunStopped
+from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
 from reidreg.regularizers import TrainingPlan, build_regularizers
 from reidreg.training.checkpointing import LAST, AtomicCheckpointIO, ResumePoint
 from reidreg.training.divergence import DivergenceGuard
 from reidreg.training.module import REPORTED_METRICS, ReIDModule
+from reidreg.training.progress import console_callbacks
 from reidreg.training.resume import resumed_config, stored_config
 from reidreg.training.run_record import RunRecord
+from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, one_line, print_metrics_table
 from reidreg.utils.config import instantiate
 from reidreg.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
+# Emitted by Lightning's own code under torch >= 2.10 at every step; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def resolve_resume(
@@ -116,13 +123,20 @@ def build_trainer(
             enable_version_counter=False,
         )
         callbacks.insert(0, best)  # first: trainer.checkpoint_callback is the "best" one
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(pl.callbacks.RichProgressBar(leave=True))
+    # What the run shows (cfg.progress): throughput (its summary() is run.json's "performance"), one line
+    # per validation, the progress bar or plain lines, a compact model summary.
+    callbacks += console_callbacks(
+        cfg.progress,
+        monitor=cfg.checkpoint.monitor if validate else None,
+        model_summary=cfg.trainer.enable_model_summary,
+    )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # One preemption mechanism: ResumePoint saves last.ckpt and requeues; Lightning's would add its own.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     overrides: dict[str, Any] = {} if validate else {"limit_val_batches": 0}
+    overrides["enable_progress_bar"] = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
+    overrides["enable_model_summary"] = False  # console_callbacks' CompactModelSummary replaces Lightning's
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -172,7 +186,11 @@ def run_training(
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     record = RunRecord(run_dir)
     if trainer.is_global_zero:
-        record.start(provenance={}, resumed_from=ckpt_path, global_step=resume_step or 0)
+        provenance = run_provenance(cfg, datamodule, trainer)
+        record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(provenance_for_wandb(provenance))
     try:
         results = fit_and_test(cfg, trainer, module, datamodule, run_dir, ckpt_path)
     except BaseException as error:
@@ -180,10 +198,14 @@ def run_training(
             status = error.status if isinstance(error, RunStopped) else "failed"
             if resume_point.received is not None and not isinstance(error, RunStopped):
                 status = RunInterrupted.status  # e.g. submitit's handler exited after our save
-            record.finish(status, reason=one_line(error))
+            record.finish(status, reason=one_line(error), performance=throughput_of(trainer).summary())
         raise
     if trainer.is_global_zero:
-        record.finish("finished")
+        performance = throughput_of(trainer).summary()
+        record.finish("finished", performance=performance)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(provenance_for_wandb({}, performance))
     return results
 
 
@@ -211,17 +233,38 @@ def fit_and_test(
             )
             print_metrics_table(f"Test ({cfg.dataset.name})", results, REPORTED_METRICS)
     if trainer.is_global_zero:
-        log.info("Run directory: %s", run_dir.resolve())
-        for name, path in [
+        files = [
             ("resolved config", run_dir / "config.yaml"),
             ("run status", run_dir / "run.json"),
             ("CSV metrics", run_dir / "csv" / "metrics.csv"),
             ("checkpoints", run_dir / "checkpoints"),
             ("test metrics", run_dir / "test_metrics.json"),
-        ]:
-            if path.exists():
-                print(f"  {name:16s} {path}")
+        ]
+        listing = "".join(f"\n  {name:16s} {path}" for name, path in files if path.exists())
+        log.info("Run directory: %s%s", run_dir.resolve(), listing)
     return results
+
+
+def run_provenance(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
+    """What produced this run (``reidreg.provenance``); after the Trainer set the numerics up."""
+    dataset = DatasetSummary.of(
+        datamodule.dataset,
+        train=datamodule.train_samples,
+        val_query=datamodule.val_query,
+        val_gallery=datamodule.val_gallery,
+        options=OmegaConf.to_container(cfg.dataset.options),
+    )
+    return collect_provenance(
+        cfg,
+        dataset=dataset,
+        precision=str(trainer.precision),
+        device=trainer.strategy.root_device,
+        num_devices=trainer.world_size,
+    )
+
+
+def throughput_of(trainer: pl.Trainer) -> ThroughputMonitor:
+    return next(c for c in trainer.callbacks if isinstance(c, ThroughputMonitor))
 
 
 def checkpoint_global_step(ckpt_path: str) -> int:

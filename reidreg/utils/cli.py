@@ -93,8 +93,8 @@ def continue_logging_in(run_dir: Path) -> None:
 
 
 def print_metrics_table(title: str, metrics: Mapping[str, float], keys: Iterable[str]) -> None:
-    """A small aligned table of ``<split>/<key>`` metrics, as percentages."""
+    """A small aligned table of ``<split>/<key>`` metrics, as percentages (logged: console and log file)."""
     values = {key: value for key in keys for name, value in metrics.items() if name.endswith(f"/{key}")}
-    print(f"\n{title}")
-    print("  " + "  ".join(f"{key:>7s}" for key in values))
-    print("  " + "  ".join(f"{100 * value:7.2f}" for value in values.values()))
+    header = "  ".join(f"{key:>7s}" for key in values)
+    row = "  ".join(f"{100 * value:7.2f}" for value in values.values())
+    log.info("%s\n  %s\n  %s", title, header, row)
