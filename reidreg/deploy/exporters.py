@@ -12,8 +12,9 @@ traced graph works for any batch size. torch deprecates TorchScript in favour of
 FutureWarning is silenced here since the user asked for this format.
 
 Every file is checked after writing (``check_export``): it is loaded again (ONNX Runtime on the CPU, or
-``torch.jit.load``), run on a random batch and on real images, with batch sizes other than the one it
-was exported with, and must match torch's features within ``TOLERANCE``.
+``torch.jit.load``), run on a random batch of ``CHECK_BATCH`` images (exported with ``EXAMPLE_BATCH``:
+this also checks that the batch size is free) and on real images if given, and must reproduce torch's
+features within ``TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def export_onnx(network: torch.nn.Module, path: Path, example: torch.Tensor) -> 
             dynamo=True,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
+            # Keyed by the name of EmbeddingNetwork.forward's argument.
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             external_data=False,
             verbose=False,

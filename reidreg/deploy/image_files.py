@@ -102,21 +102,22 @@ def embed_images(
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("embedding", total=len(images))
-        start = 0
+        start = 0  # index of the batch's first image in ``images``
         for batch, errors in loader:
-            indices = range(start, start + len(errors))
-            start += len(errors)
-            readable = [position for position, error in enumerate(errors) if not error]
+            readable = []
             for position, error in enumerate(errors):
-                if error:
-                    if on_error == "fail":
-                        raise unreadable_image_error(images.paths[indices[position]], error)
-                    failed.append((indices[position], error))
+                if not error:
+                    readable.append(position)
+                elif on_error == "fail":
+                    raise unreadable_image_error(images.paths[start + position], error)
+                else:
+                    failed.append((start + position, error))
             if readable:
                 batch = batch[readable] if len(readable) < len(errors) else batch
                 features = model.extract_features(batch.to(device, non_blocking=True), flip=flip)
-                parts.append(features.float().cpu())
-                kept.extend(indices[position] for position in readable)
+                parts.append(features.cpu())
+                kept.extend(start + position for position in readable)
+            start += len(errors)
             bar.advance(task, len(errors))
     if not kept:
         index, reason = failed[0]
