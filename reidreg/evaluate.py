@@ -20,43 +20,16 @@ from torch.utils.data import DataLoader
 
 from reidreg.attacks import build_attack
 from reidreg.data.datamodule import ReIDDataModule
-from reidreg.errors import ConfigError
 from reidreg.evaluation import evaluate
 from reidreg.evaluation.robustness import evaluate_robustness
 from reidreg.evaluation.visualize import save_ranked_lists
 from reidreg.models import ReIDModel
+from reidreg.models.checkpoint import build_model, load_checkpoint, resolve_device
 from reidreg.training.module import REPORTED_METRICS
 from reidreg.utils.cli import print_metrics_table, run_cli
-from reidreg.utils.config import instantiate, register_resolvers
+from reidreg.utils.config import register_resolvers
 
 register_resolvers()
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The run config stored in a reidreg checkpoint and the network's weights (``model.`` prefix removed)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} does not exist; expected a .ckpt file from reidreg.train."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "reidreg_config" not in checkpoint:
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} is not a reidreg.train checkpoint (no stored run config)."
-        )
-    weights = {
-        k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
-    }
-    return checkpoint["reidreg_config"], weights
-
-
-def build_model(run_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> ReIDModel:
-    """The trained network, rebuilt from its config; its weights come from the checkpoint, not from a file."""
-    backbone = instantiate(run_config["backbone"], pretrained=False, weights_file=None)
-    num_classes = weights["global_head.classifier.weight"].shape[0]
-    model = instantiate(run_config["model"], backbone=backbone, num_classes=num_classes)
-    model.load_state_dict(weights)
-    return model.eval()
 
 
 def build_test_data(cfg: DictConfig, run_config: dict[str, Any]) -> ReIDDataModule:
@@ -89,14 +62,6 @@ def extract(
     out = {key: torch.cat(values)[order.to(values[0].device)] for key, values in parts.items()}
     out["is_query"] = out["is_query"].bool()
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto.")
-    return torch.device(name)
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
