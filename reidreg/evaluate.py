@@ -9,125 +9,31 @@ images that reports clean and attacked metrics.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import logging
 from typing import Any
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from omegaconf import DictConfig
 
-from reidreg.attacks import build_attack
-from reidreg.data.datamodule import ReIDDataModule
-from reidreg.evaluation import evaluate
-from reidreg.evaluation.robustness import evaluate_robustness
-from reidreg.evaluation.visualize import save_ranked_lists
-from reidreg.models import ReIDModel
-from reidreg.models.checkpoint import build_model, load_checkpoint, resolve_device
-from reidreg.training.module import REPORTED_METRICS
-from reidreg.utils.cli import print_metrics_table, run_cli
+from reidreg.utils.cli import run_cli
 from reidreg.utils.config import register_resolvers
 
 register_resolvers()
 
 
-def build_test_data(cfg: DictConfig, run_config: dict[str, Any]) -> ReIDDataModule:
-    """The test set: the training run's image settings, with the dataset of ``cfg`` if one is chosen."""
-    data = {k: v for k, v in run_config["data"].items() if k != "_target_"}
-    if cfg.get("dataset"):
-        data["dataset"] = cfg.dataset.name
-        data["dataset_options"] = OmegaConf.to_container(cfg.dataset.options)
-    data.update(
-        root=cfg.paths.data_dir, val_identities=0, batch_size_test=cfg.batch_size, num_workers=cfg.num_workers
-    )
-    return ReIDDataModule(**data)
-
-
-@torch.no_grad()
-def extract(
-    model: ReIDModel, loader: DataLoader, device: torch.device, *, flip: bool
-) -> dict[str, torch.Tensor]:
-    """Features and labels of a query+gallery loader, on ``device``, in the canonical order (queries then
-    gallery, as the dataset lists them: the loader's batches carry each image's position in it)."""
-    parts: dict[str, list[torch.Tensor]] = {"feats": [], "pids": [], "camids": [], "is_query": []}
-    positions = []
-    for images, pids, camids, is_query, position in loader:
-        parts["feats"].append(model.extract_features(images.to(device), flip=flip))
-        parts["pids"].append(pids)
-        parts["camids"].append(camids)
-        parts["is_query"].append(is_query)
-        positions.append(position)
-    order = torch.cat(positions).argsort()
-    out = {key: torch.cat(values)[order.to(values[0].device)] for key, values in parts.items()}
-    out["is_query"] = out["is_query"].bool()
-    return out
-
-
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path``; writes ``eval_metrics.json`` (and images) into the run directory."""
-    run_config, weights = load_checkpoint(cfg.ckpt_path)
-    device = resolve_device(cfg.device)
-    model = build_model(run_config, weights).to(device)
-    datamodule = build_test_data(cfg, run_config)
-    dataset = datamodule.load()
-    loader = datamodule.test_dataloader()
-    features = extract(model, loader, device, flip=cfg.flip)
-    q, g = features["is_query"], ~features["is_query"]
-    metrics = evaluate(
-        features["feats"][q],
-        features["feats"][g],
-        features["pids"][q],
-        features["pids"][g],
-        features["camids"][q],
-        features["camids"][g],
-        metric=cfg.metric,
-        rerank=cfg.rerank,
-    )
-    results: dict[str, Any] = {
-        "checkpoint": str(cfg.ckpt_path),
-        "trained_on": run_config["dataset"]["name"],
-        "dataset": dataset.name,
-        "rerank": bool(cfg.rerank),
-        **{f"test/{key}": float(metrics[key]) for key in ("mAP", "mINP")},
-        **{f"test/R{k}": float(metrics["cmc"][k - 1]) for k in (1, 5, 10)},
-    }
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    print_metrics_table(f"{results['trained_on']} → {dataset.name}", results, REPORTED_METRICS)
+    """Evaluate ``cfg.ckpt_path``; writes ``eval_metrics.json`` (and images) into the run directory.
 
-    if cfg.ranked_list.num_queries:
-        path = save_ranked_lists(
-            features,
-            dataset.query,
-            dataset.gallery,
-            output_dir / "ranked_list.png",
-            num_queries=cfg.ranked_list.num_queries,
-            top_k=cfg.ranked_list.top_k,
-            metric=cfg.metric,
-            seed=cfg.ranked_list.seed,
-        )
-        print(f"  ranked list      {path}")
+    The work is in ``reidreg.evaluation.checkpoint_eval`` (torch and the model load only from here on).
+    """
+    from reidreg.evaluation.checkpoint_eval import evaluate_checkpoint as run
 
-    if cfg.get("attack"):
-        attack = build_attack(**OmegaConf.to_container(cfg.attack))
-        robustness = evaluate_robustness(
-            model, loader, attack, metric=cfg.metric, flip=cfg.flip, seed=cfg.seed
-        )
-        results["attack"] = {"config": OmegaConf.to_container(cfg.attack), **robustness}
-        for name in ("clean", "attacked"):
-            print_metrics_table(
-                f"{name} queries ({cfg.attack.name}, eps={cfg.attack.eps:.4f})",
-                {f"{name}/{k}": v for k, v in robustness[name].items()},
-                REPORTED_METRICS,
-            )
-    (output_dir / "eval_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"  metrics          {output_dir / 'eval_metrics.json'}")
-    return results
+    return run(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    logging.captureWarnings(True)
     run_cli(evaluate_checkpoint, cfg)
 
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from reidreg.data.datamodule import ReIDDataModule
 from reidreg.data.datasets import ReIDDataset
 from reidreg.deploy.feature_file import load_features
-from reidreg.evaluate import extract as evaluation_features
+from reidreg.evaluation.checkpoint_eval import extract as evaluation_features
 from reidreg.extract import extract_images
 from reidreg.models.checkpoint import build_model, load_checkpoint
 from reidreg.train import train
