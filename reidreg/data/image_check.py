@@ -80,7 +80,7 @@ def _decode_problem(path: str) -> str | None:
     except UnidentifiedImageError:
         return "not an image PIL can identify"
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"corrupt or truncated image ({error})"
+        return f"corrupt or truncated image: {error}"
     return None
 
 
@@ -90,7 +90,7 @@ def _check(path: str, verified: Signature | None) -> _Outcome:
     except FileNotFoundError:
         return _Outcome(None, "file not found", decoded=False)
     except OSError as error:
-        return _Outcome(None, f"unreadable ({error.strerror})", decoded=False)
+        return _Outcome(None, f"unreadable: {error.strerror}", decoded=False)
     signature = (status.st_size, status.st_mtime_ns)
     if signature == verified:
         return _Outcome(signature, None, decoded=False)
