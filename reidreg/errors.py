@@ -1,5 +1,7 @@
 """User-facing errors: bad input that the command line reports in one clear line, without a traceback."""
 
+import re
+
 
 class ReIDRegError(ValueError):
     """Base class of every error caused by the user's input (config, files, options).
@@ -32,3 +34,26 @@ class RunInterrupted(RunStopped):
 
     status = "interrupted"
     exit_code = 4
+
+
+# torch.utils.data re-raises an error of a loader worker (or of the pin-memory thread) in the main process
+# as a new exception of the same type whose message is "Caught <Type> in <where>.\nOriginal " followed by
+# the worker's formatted traceback (torch._utils.ExceptionWrapper.reraise).
+_WORKER_ERROR = re.compile(r"\ACaught (\w+) in [^\n]*\.\nOriginal ")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line, as the command line shows it.
+
+    For an error re-raised from a DataLoader worker, that is the original message (the text after the last
+    ``<Type>: `` header of the worker's traceback), not the whole traceback; otherwise ``str(error)``.
+    Lines of a multi-line message are joined with spaces.
+    """
+    text = str(error)
+    wrapped = _WORKER_ERROR.match(text)
+    if wrapped:
+        name = wrapped.group(1)
+        headers = list(re.finditer(rf"^(?:[\w.]+\.)?{name}(?:: |$)", text[wrapped.end() :], re.M))
+        if headers:
+            text = text[wrapped.end() + headers[-1].end() :].strip() or name
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -229,3 +234,82 @@ def test_folder_name_encodes_every_option() -> None:
     assert SyntheticOptions().folder_name == "synthetic-v1-i200-c4-n16-128x64-d100-j50-s0"
     assert SyntheticOptions(num_ids=16).folder_name == "synthetic-v1-i16-c4-n16-128x64-d8-j4-s0"
     assert resolve_synthetic_options("tiny", num_ids=20).num_distractors == 10
+
+
+UMASK_MODES = [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664)]  # (umask, folder mode, file mode)
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"), UMASK_MODES)
+def test_published_tree_follows_the_umask(
+    tmp_path: Path, umask: int, folder_mode: int, file_mode: int
+) -> None:
+    """Teammates sharing REIDREG_DATA can read (umask 022) or also write (umask 002) the generated data."""
+    previous = os.umask(umask)
+    try:
+        folder = generate_tiny(tmp_path / TINY.folder_name)
+    finally:
+        os.umask(previous)
+    paths = [folder, *folder.rglob("*"), tmp_path / f".{TINY.folder_name}.lock"]
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in paths}
+    expected = {name: folder_mode if (tmp_path / name).is_dir() else file_mode for name in modes}
+    assert modes == expected
+    assert len(modes) > 80  # the folder, its 3 subfolders, the marker, the images and the lock file
+
+
+# A generator that stops after its first image and waits, as if killed or still running, holding the lock.
+STALLING_GENERATOR = """
+import sys, time
+from reidreg.data import synthetic
+save = synthetic._save
+def save_then_stall(*args):
+    save(*args)
+    print("stalled", flush=True)
+    time.sleep(600)
+synthetic._save = save_then_stall
+synthetic.generate_synthetic(sys.argv[1], **synthetic.resolve_synthetic_options("tiny").as_kwargs())
+"""
+
+
+@contextlib.contextmanager
+def stalled_generator(folder: Path) -> Iterator[subprocess.Popen[str]]:
+    """A generator of ``folder`` in another process, stopped midway with its temporary folder and lock."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-c", STALLING_GENERATOR, str(folder)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "stalled\n"
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def temporary_folders(root: Path) -> list[Path]:
+    return [path for path in root.iterdir() if ".tmp-" in path.name]
+
+
+def test_next_generation_removes_the_leftovers_of_a_killed_one(tmp_path: Path, tiny_root: Path) -> None:
+    folder = tmp_path / TINY.folder_name
+    with stalled_generator(folder) as process:
+        (leftover,) = temporary_folders(tmp_path)
+        assert list(leftover.rglob("*.jpg"))  # it wrote an image before it stalled
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    assert generate_tiny(folder) == folder
+    assert listing(folder) == listing(tiny_root / TINY.folder_name)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f".{TINY.folder_name}.lock", TINY.folder_name]
+
+
+def test_the_temporary_folder_of_a_running_generation_is_kept(tmp_path: Path) -> None:
+    """A second generator waits for the lock; it does not touch the running one's temporary folder."""
+    folder = tmp_path / TINY.folder_name
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with stalled_generator(folder):
+            (running,) = temporary_folders(tmp_path)
+            second = pool.submit(generate_tiny, folder)
+            time.sleep(1.0)  # time enough for the second generator to reach the lock
+            assert not second.done()
+            assert running.is_dir() and list(running.rglob("*.jpg"))
+        # the first generator was killed on leaving the block: the second one takes over and cleans up
+        assert second.result(timeout=120) == folder and is_complete(folder)
+    assert not temporary_folders(tmp_path)

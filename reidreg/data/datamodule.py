@@ -35,6 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from reidreg.data import image_check
 from reidreg.data.datasets import DatasetError, ReIDDataset, Sample, build_dataset
 from reidreg.data.sampler import PKBatchSampler
 from reidreg.data.transforms import build_test_transform, build_train_transform
@@ -220,6 +221,7 @@ class ReIDDataModule(pl.LightningDataModule):
         batch_size_test: int = 128,
         num_workers: int = 2,
         seed: int = 0,
+        verify_images: bool = True,
     ) -> None:
         super().__init__()
         self.dataset_name, self.root = dataset, root
@@ -237,7 +239,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.num_identities, self.num_instances = num_identities, num_instances
         self.steps_per_epoch, self.skip_small_identities = steps_per_epoch, skip_small_identities
         self.val_identities, self.batch_size_test = val_identities, batch_size_test
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.check_images = num_workers, seed, verify_images
         self.dataset: ReIDDataset | None = None
         # (epoch, batches done in it) of the checkpoint being resumed; see the module docstring.
         self.resume_position: tuple[int, int] | None = None
@@ -258,6 +260,15 @@ class ReIDDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.load()  # generates the synthetic dataset once, on the main process
+
+    def verify_images(self) -> None:
+        """Decode every image of the splits in use (``image_check``, cached); a broken one fails here."""
+        dataset = self.load()
+        if self.check_images:
+            paths = [
+                path for split in (dataset.train, dataset.query, dataset.gallery) for path, _, _ in split
+            ]
+            image_check.verify_images(paths, root=dataset.root, cache_dir=Path(self.root) / ".reidreg-cache")
 
     def setup(self, stage: str | None = None) -> None:
         self.load()

@@ -22,7 +22,10 @@ Generation is deterministic: each image has its own ``np.random.Generator`` seed
 index), so the same options give the same bytes and images could be drawn in any order. It is written
 atomically: into a temporary sibling folder, completed by a marker file, then renamed into place; a folder
 without the marker is never used. Concurrent generators (DDP ranks) serialise on a lock file where the
-file system supports it; otherwise the loser of the rename race uses the winner's folder.
+file system supports it; otherwise the loser of the rename race uses the winner's folder. The generator
+holding the lock first deletes the temporary folders of killed generators. Folders and files get the
+permissions of the umask (e.g. 0755/0644), so a data folder can be shared by a team (umask 002: writable
+by the group).
 
 CLI: ``python -m reidreg.data.synthetic --out DIR [--preset tiny] [--num-ids 200 ...]`` writes
 ``DIR/<folder_name>``, the folder ``build_dataset("synthetic", DIR, ...)`` reads with the same options.
@@ -39,7 +42,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -629,23 +631,43 @@ def is_complete(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_path``, so only one generator on this host works at a time.
+def _exclusive_lock(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on ``lock_path``, so only one generator works at a time; yields whether locked.
 
     Without lock support (some network file systems) it goes on unlocked: publishing stays safe (see
-    :func:`_publish`), only the work may be done twice. The lock file stays: removing it would race.
+    :func:`_publish`), only the work may be done twice. The lock file stays: removing it would race. A lock
+    file created by another user may be read-only to us: flock works on a read-only descriptor too.
     """
-    with open(lock_path, "a") as lock_file:
+    try:
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        lock_fd = os.open(lock_path, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             locked = True
         except OSError:
             locked = False
         try:
-            yield
+            yield locked
         finally:
             if locked:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+    finally:
+        os.close(lock_fd)
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Delete the temporary and stale folders of ``final`` left by generators that were killed.
+
+    Call it only while holding the lock of ``final``: every other generator of ``final`` then either waits
+    for the lock or is dead (the kernel releases a killed process's flock), so none of these folders is in
+    use. Folders we may not delete (another user's) stay.
+    """
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.stale-*"):
+        for leftover in final.parent.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _publish(temporary: Path, final: Path) -> None:
@@ -707,10 +729,15 @@ def generate_synthetic(
     if is_complete(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")):
+    with _exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")) as locked:
         if is_complete(out_dir):  # another generator finished while we waited for the lock
             return out_dir
-        temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        if locked:
+            _remove_leftovers(out_dir)
+        # mkdir, not tempfile.mkdtemp: the folder becomes the dataset folder, so it gets the umask's mode
+        # (0755 or 0775, shareable) instead of mkdtemp's 0700; the random suffix keeps the name unique.
+        temporary = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex}")
+        temporary.mkdir()
         try:
             _write_dataset(temporary, options)
             marker = {"generator_version": GENERATOR_VERSION, **options.as_kwargs()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from reidreg.errors import ConfigError, RunInterrupted, RunStopped
+from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
 from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
 from reidreg.regularizers import TrainingPlan, build_regularizers
 from reidreg.training.checkpointing import LAST, AtomicCheckpointIO, ResumePoint
@@ -30,7 +31,7 @@ from reidreg.training.progress import console_callbacks
 from reidreg.training.resume import resumed_config, stored_config
 from reidreg.training.run_record import RunRecord
 from reidreg.training.throughput import ThroughputMonitor
-from reidreg.utils.cli import continue_logging_in, one_line, print_metrics_table
+from reidreg.utils.cli import continue_logging_in, print_metrics_table
 from reidreg.utils.config import instantiate
 from reidreg.utils.loggers import build_loggers
 
@@ -180,6 +181,8 @@ def run_training(
     trainer, resume_point = build_trainer(
         cfg, run_dir, validate=datamodule.has_validation, resume_step=resume_step
     )
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks started by Lightning rely on the first one
+        datamodule.verify_images()  # every image decodes: fail now, not hours in
 
     run_dir.mkdir(parents=True, exist_ok=True)
     continue_logging_in(run_dir)
@@ -198,7 +201,12 @@ def run_training(
             status = error.status if isinstance(error, RunStopped) else "failed"
             if resume_point.received is not None and not isinstance(error, RunStopped):
                 status = RunInterrupted.status  # e.g. submitit's handler exited after our save
-            record.finish(status, reason=one_line(error), performance=throughput_of(trainer).summary())
+            reason = (
+                one_line(error)
+                if isinstance(error, ReIDRegError)
+                else f"{type(error).__name__}: {one_line(error)}"
+            )
+            record.finish(status, reason=reason, performance=throughput_of(trainer).summary())
         raise
     if trainer.is_global_zero:
         performance = throughput_of(trainer).summary()

@@ -17,23 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
-from reidreg.errors import ReIDRegError
+from reidreg.errors import ReIDRegError, one_line
 
 log = logging.getLogger(__name__)
-
-
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` as one line.
-
-    An error raised in a DataLoader worker reaches the main process re-wrapped by torch, its message
-    holding the worker's whole traceback ("Caught DatasetError in DataLoader worker process 0. Original
-    Traceback ..."): only the original message, its last line, is kept.
-    """
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
-    return " ".join(line.strip() for line in text.splitlines())
 
 
 def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:

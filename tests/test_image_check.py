@@ -1,0 +1,265 @@
+"""Tests of the image check (reidreg.data.image_check) and of one-line worker errors (reidreg.errors)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from reidreg.data.datasets import DatasetError
+from reidreg.data.image_check import VerifyResult, verify_images
+from reidreg.errors import one_line
+
+
+def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (32, 64)) -> bytes:
+    """A valid JPEG of random pixels (noise: no two seeds give the same bytes)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """A dataset folder ``data/set`` of 6 valid images in two subfolders (one of them a PNG)."""
+    root = tmp_path / "data" / "set"
+    for index in range(6):
+        folder = root / ("train" if index < 4 else "test")
+        folder.mkdir(parents=True, exist_ok=True)
+        if index == 5:
+            Image.fromarray(np.full((64, 32, 3), 200, dtype=np.uint8)).save(folder / f"{index}.png")
+        else:
+            (folder / f"{index}.jpg").write_bytes(jpeg_bytes(index))
+    return root
+
+
+def images(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.suffix in (".jpg", ".png"))
+
+
+def verify(root: Path, paths: list[Path] | None = None, **options: object) -> VerifyResult:
+    cache_dir = options.pop("cache_dir", root.parent / ".reidreg-cache")
+    options = {"workers": 2, "progress": False, **options}
+    return verify_images(images(root) if paths is None else paths, root=root, cache_dir=cache_dir, **options)
+
+
+def test_valid_folder_passes_and_the_second_run_uses_the_cache(dataset: Path) -> None:
+    first = verify(dataset)
+    assert (first.total, first.decoded, first.cached) == (6, 6, 0)
+    assert first.cache_file == dataset.parent / ".reidreg-cache" / "set.json"
+    manifest = json.loads(first.cache_file.read_text())["images"]
+    assert sorted(manifest) == [
+        "test/4.jpg",
+        "test/5.png",
+        "train/0.jpg",
+        "train/1.jpg",
+        "train/2.jpg",
+        "train/3.jpg",
+    ]
+    second = verify(dataset)
+    assert (second.total, second.decoded, second.cached) == (6, 0, 6)
+
+
+def test_the_cache_survives_moving_the_data_folder(dataset: Path, tmp_path: Path) -> None:
+    verify(dataset)
+    moved = tmp_path / "elsewhere" / "set"
+    shutil.copytree(dataset.parent, moved.parent, copy_function=shutil.copy2)  # copy2 keeps the mtimes
+    assert verify(moved).cached == 6
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
+BROKEN_FILES = {
+    "truncated JPEG": (
+        lambda path: (path.write_bytes(jpeg_bytes(9)), truncate(path)),
+        "corrupt or truncated image",
+    ),
+    "empty file": (lambda path: path.write_bytes(b""), "empty file (0 bytes)"),
+    "text named .jpg": (lambda path: path.write_text("not a picture\n"), "not an image PIL can identify"),
+    "missing file": (lambda path: None, "file not found"),
+    "folder named .jpg": (lambda path: path.mkdir(), "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_FILES))
+def test_a_broken_file_is_one_error_line_naming_it(dataset: Path, kind: str) -> None:
+    make, problem = BROKEN_FILES[kind]
+    broken = dataset / "train" / "broken.jpg"
+    make(broken)
+    with pytest.raises(DatasetError) as error:
+        verify(dataset, [*images(dataset), broken])
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"broken image {broken}: {problem}")
+    if kind == "truncated JPEG":
+        assert "image file is truncated" in message
+
+
+def test_several_broken_files_are_counted_and_the_first_few_listed(dataset: Path) -> None:
+    broken = [dataset / "test" / f"empty{index}.jpg" for index in range(8)]
+    for path in broken:
+        path.write_bytes(b"")
+    with pytest.raises(DatasetError) as error:
+        verify(dataset, [*images(dataset), *broken])
+    message = str(error.value)
+    assert message.startswith(f"broken image {broken[0]}: empty file (0 bytes); 7 more of the 14 images")
+    assert all(str(path) in message for path in broken[1:6])
+    assert str(broken[6]) not in message and message.endswith(
+        "and 2 more. Replace or remove the broken files before training."
+    )
+
+
+def test_good_images_are_cached_even_when_some_are_broken(dataset: Path) -> None:
+    broken = dataset / "test" / "broken.jpg"
+    broken.write_text("oops")
+    with pytest.raises(DatasetError):
+        verify(dataset)
+    broken.write_bytes(jpeg_bytes(7))  # fixed: only this file is decoded again
+    result = verify(dataset)
+    assert (result.decoded, result.cached) == (1, 6)
+
+
+def test_a_modified_file_is_verified_again(dataset: Path) -> None:
+    verify(dataset)
+    truncate(dataset / "train" / "2.jpg")
+    with pytest.raises(DatasetError, match=r"broken image .*2\.jpg: corrupt or truncated image"):
+        verify(dataset)
+    (dataset / "train" / "2.jpg").write_bytes(jpeg_bytes(2))
+    assert verify(dataset).decoded == 1
+    # same size, other modification time (e.g. rewritten in place): verified again
+    status = (dataset / "train" / "3.jpg").stat()
+    os.utime(dataset / "train" / "3.jpg", ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
+    assert verify(dataset).decoded == 1
+    assert verify(dataset).decoded == 0
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` refuses new entries: chmod 555, and for root (whom chmod does not stop) chattr +i."""
+    folder.chmod(0o555)
+    immutable = False
+    try:
+        probe = folder / ".write-probe"
+        with contextlib.suppress(OSError):
+            probe.touch()
+        if probe.exists():
+            probe.unlink()
+            chattr = shutil.which("chattr")
+            if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode:
+                pytest.skip("running as root and chattr +i is refused: cannot make a read-only folder")
+            immutable = True
+        yield
+    finally:
+        if immutable:
+            subprocess.run([shutil.which("chattr") or "chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_read_only_data_folder_verifies_without_caching(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with read_only(dataset.parent):
+        for _ in range(2):
+            result = verify(dataset)
+            assert (result.decoded, result.cached, result.cache_file) == (6, 0, None)
+            note = capsys.readouterr().err
+            assert note.count("\n") == 1 and "cannot write the image check cache" in note
+            assert str(dataset.parent / ".reidreg-cache" / "set.json") in note
+            assert "verified without caching" in note and result.summary().endswith("; not cached")
+    assert not (dataset.parent / ".reidreg-cache").exists()
+
+
+def test_read_only_cache_is_still_used(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache_dir = dataset.parent / ".reidreg-cache"
+    verify(dataset)
+    with read_only(cache_dir):
+        result = verify(dataset)
+        assert (result.decoded, result.cached, result.cache_problem) == (0, 6, None)
+        (dataset / "train" / "1.jpg").write_bytes(jpeg_bytes(11))
+        result = verify(dataset)
+        assert (result.decoded, result.cached, result.cache_file) == (1, 5, None)
+    assert "cannot write the image check cache" in capsys.readouterr().err
+
+
+def test_a_corrupt_cache_is_ignored(dataset: Path) -> None:
+    cache_file = verify(dataset).cache_file
+    assert cache_file is not None
+    cache_file.write_text('{"version": 1, "images": {"train/0.jpg": "garbage"')
+    assert verify(dataset).decoded == 6
+    assert verify(dataset).decoded == 0
+
+
+def test_without_a_cache_dir_everything_is_decoded(dataset: Path) -> None:
+    for _ in range(2):
+        result = verify(dataset, cache_dir=None)
+        assert (result.decoded, result.cache_file) == (6, None)
+    assert not (dataset.parent / ".reidreg-cache").exists()
+
+
+def test_truncated_images_are_caught_even_if_pil_was_told_to_load_them(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truncate(dataset / "train" / "0.jpg")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with Image.open(dataset / "train" / "0.jpg") as image:
+        image.load()  # what PIL does with the flag on: the missing rows are silently filled
+    with pytest.raises(DatasetError, match="image file is truncated"):
+        verify(dataset)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored
+
+
+def test_the_training_stack_does_not_enable_truncated_images() -> None:
+    import reidreg.data.datamodule  # noqa: F401  (imports torch, torchvision, Lightning)
+    import reidreg.train  # noqa: F401  (imports timm and the models)
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_progress_prints_one_summary_line_when_stdout_is_not_a_terminal(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    verify(dataset, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("image check: 6 images OK (6 decoded, 0 unchanged")
+    verify(dataset, progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_one_line_recovers_the_message_of_a_loader_worker_error(dataset: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from reidreg.data.datamodule import EvalImages, read_image
+    from reidreg.data.transforms import build_test_transform
+
+    broken = dataset / "train" / "1.jpg"
+    truncate(broken)
+    with pytest.raises(DatasetError) as direct:
+        read_image(str(broken))
+    samples = [(str(path), 1, 0) for path in images(dataset)]
+    loader = DataLoader(EvalImages(samples, [], build_test_transform(height=64, width=32)), num_workers=2)
+    with pytest.raises(DatasetError) as wrapped:
+        list(loader)
+    assert str(wrapped.value).startswith("Caught DatasetError in DataLoader worker process ")
+    assert str(wrapped.value).count("\n") > 10
+    assert one_line(wrapped.value) == str(direct.value)
+    assert str(broken) in one_line(wrapped.value) and "image file is truncated" in one_line(wrapped.value)
+
+
+def test_one_line_of_other_errors() -> None:
+    assert one_line(DatasetError("missing folder /x")) == "missing folder /x"
+    assert one_line(ValueError("first\n  second")) == "first second"
+    fake = "Caught KeyError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    fake += "  File \"x.py\", line 1, in f\nKeyError: 'pid'\n"
+    assert one_line(RuntimeError(fake)) == "'pid'"
