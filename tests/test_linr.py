@@ -10,14 +10,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
 from reidreg.errors import ConfigError
 from reidreg.losses import ReIDLoss
-from reidreg.models import HeadOutput
+from reidreg.models import HeadOutput, ReIDModel, ResNetBackbone
+from reidreg.regularizers import TrainingPlan
 from reidreg.regularizers.linr import LinR, mixed_pair_kl, random_partner, scaled_input_kl
 from reidreg.train import train
+from reidreg.utils.config import register_resolvers
+from tests.host_reads import HostReads
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
 
 def _softmax(row: list[float]) -> list[float]:
@@ -416,3 +424,311 @@ def test_resuming_a_refinement_run_ends_with_the_same_weights(tmp_path, tiny_con
     assert any(not torch.equal(uninterrupted[key], interrupted[key]) for key in network)
     for key in network:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------- bn_mode
+def trained_like_reid_model() -> ReIDModel:
+    """The global branch of the AdaptiveReID network on test_resnet (bias-free conv1 + BN, as ResNet-50),
+    with confident classifiers (std 1) and running statistics filled by a few batches, in train mode."""
+    torch.manual_seed(0)
+    model = ReIDModel(ResNetBackbone("test_resnet"), num_classes=8, regional_branches=False)
+    with torch.no_grad():
+        for module in model.objective_modules.values():
+            module.classifier.weight.normal_(std=1.0)
+        for _ in range(5):
+            model(torch.rand(8, 3, 32, 16))
+    return model.train()
+
+
+class FixedDraws:
+    """Stands in for the numpy generator: ``beta`` returns a chosen ``a``, ``permutation`` a seeded one."""
+
+    def __init__(self, a: float) -> None:
+        self.a, self.rng = a, np.random.default_rng(0)
+
+    def beta(self, *_: float) -> float:
+        return self.a
+
+    def permutation(self, n: int) -> np.ndarray:
+        return self.rng.permutation(n)
+
+
+def _loss_and_gradient_norm(regularizer: LinR, model: nn.Module, images: torch.Tensor, a: float):
+    model.zero_grad(set_to_none=True)
+    loss, _ = regularizer.linr_loss(model, images, FixedDraws(a))
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    return loss.item(), norm.item()
+
+
+def test_linrnm_is_invariant_to_a_under_batch_statistics_and_not_under_running_statistics():
+    # conv1 has no bias: with batch statistics the first BN removes a, f(a·x) ≈ f(x), so per module
+    # eq. 10 ≈ KL(P ‖ P) − log a: the loss is −log a per objective module, whatever the network does.
+    model, images = trained_like_reid_model(), torch.rand(8, 3, 32, 16)
+    for a in (0.35, 0.5):
+        nm_train, nm_train_grad = _loss_and_gradient_norm(LinR(variant="linrnm"), model, images, a)
+        _, mixed_train_grad = _loss_and_gradient_norm(LinR(variant="linr"), model, images, a)
+        assert nm_train == pytest.approx(-math.log(a), abs=1e-4)
+        assert nm_train_grad < 0.01 * mixed_train_grad  # nearly inert next to LinR's own gradient
+        nm_eval, nm_eval_grad = _loss_and_gradient_norm(
+            LinR(variant="linrnm", bn_mode="eval"), model, images, a
+        )
+        assert nm_eval + math.log(a) > 0.01  # KL(softmax f(a·x) ‖ softmax f(x)): the network's response
+        assert nm_eval_grad > 10 * nm_train_grad
+
+
+def _batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: value.clone()
+        for name, value in model.state_dict().items()
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+
+
+def test_bn_mode_eval_freezes_running_statistics_in_the_linr_phase_only():
+    images, labels = torch.rand(8, 3, 32, 16), torch.arange(8) // 2
+    for bn_mode in ("train", "eval"):
+        model = trained_like_reid_model()
+        before = _batchnorm_state(model)
+        regularizer = LinR(bn_mode=bn_mode)
+        regularizer.linr_loss(model, images, np.random.default_rng(0))
+        after = _batchnorm_state(model)
+        counts = [k for k in before if k.endswith("num_batches_tracked")]
+        if bn_mode == "eval":  # both forward passes (P2 target, mixed) use and keep the running statistics
+            assert all(torch.equal(before[k], after[k]) for k in before)
+        else:  # each of the two forward passes updates them once
+            assert all(int(after[k]) == int(before[k]) + 2 for k in counts)
+        assert all(m.training for m in model.modules())  # BN layers back in train mode
+        # The classification phase is a standard training forward pass in both modes.
+        regularizer.classification_loss(FakeModule(regularizer, model), images, labels)
+        assert all(int(_batchnorm_state(model)[k]) == int(after[k]) + 1 for k in counts)
+
+
+def _direct_eq7_on(model: nn.Module, images: torch.Tensor, a: float, partner: torch.Tensor) -> torch.Tensor:
+    """Eqs. 5–7 written out with plain softmax, P2 detached, mean over pairs, sum over modules."""
+    with torch.no_grad():
+        p_x = {head: out.logits.softmax(1) for head, out in model(images).items()}
+    mixed = model(a * images + (1 - a) * images[partner])
+    total = 0.0
+    for head, p in p_x.items():
+        p1, p2 = mixed[head].logits.softmax(1), a * p + (1 - a) * p[partner]
+        total = total + (p1 * (p1 / p2).log()).sum(1).mean()
+    return total
+
+
+def test_bn_mode_eval_is_eq7_on_the_network_with_running_statistics_value_and_gradient():
+    model, images = trained_like_reid_model(), torch.rand(8, 3, 32, 16)
+    loss, logs = LinR(bn_mode="eval").linr_loss(model, images, np.random.default_rng(4))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    gradient = torch.autograd.grad(loss, parameters, allow_unused=True)
+
+    draws = np.random.default_rng(4)  # the same a and pairs, drawn in the same order
+    a = float(draws.beta(0.75, 0.75))
+    partner = random_partner(8, draws)
+    assert a == logs["a"]
+    model.eval()  # every BatchNorm on its running statistics (the network has no dropout)
+    expected = _direct_eq7_on(model, images, a, partner)
+    expected_gradient = torch.autograd.grad(expected, parameters, allow_unused=True)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    for got, want in zip(gradient, expected_gradient, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    # With batch statistics the same draws give another value: the two modes differ on this network.
+    model.train()
+    train_loss, _ = LinR().linr_loss(model, images, np.random.default_rng(4))
+    assert abs(train_loss.item() - loss.item()) > 0.1 * loss.item()
+
+
+def test_invalid_bn_mode_is_refused():
+    with pytest.raises(ConfigError, match=r"bn_mode.*'batch'"):
+        LinR(bn_mode="batch")
+
+
+# ---------------------------------------------------------------------------------------------- cls_loss
+def test_ce_plain_is_eq8_cross_entropy_without_smoothing_or_triplet_value_and_gradient():
+    images, labels = _batch()
+    regularizer = LinR(cls_loss="ce_plain")
+    module = FakeModule(regularizer)
+    loss, logs = regularizer.classification_loss(module, images, labels)
+    with torch.no_grad():
+        outputs = module.model(images)
+    expected = 0.0
+    for head in ("global", "stripe1"):  # H(p, q) = −Σ_c p_c log q_c with p one-hot: −log q_y
+        for row, label in zip(outputs[head].logits.tolist(), labels.tolist(), strict=True):
+            expected += -math.log(_softmax(row)[label]) / len(labels)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert logs["cls_loss"].item() == pytest.approx(expected, rel=1e-5)
+    smoothed = module.loss(outputs, labels)
+    assert logs["ce"].item() == pytest.approx((smoothed["global/ce"] + smoothed["stripe1/ce"]).item())
+    assert abs(logs["ce"].item() - expected) > 1e-3  # label smoothing is not in ce_plain
+
+    # Gradient w.r.t. each module's logits: (softmax − one-hot) / B, the classic CE gradient.
+    outputs = module.model(images)
+    logits = [outputs[head].logits for head in ("global", "stripe1")]
+    plain = sum(F.cross_entropy(z, labels) for z in logits)
+    got = torch.autograd.grad(plain, logits, retain_graph=True)
+    for z, gradient in zip(logits, got, strict=True):
+        expected_gradient = (z.softmax(1) - F.one_hot(labels, z.shape[1])) / len(labels)
+        torch.testing.assert_close(gradient, expected_gradient.detach())
+    # and the regularizer's loss has exactly that gradient w.r.t. the parameters
+    params = list(module.model.parameters())
+    loss, _ = regularizer.classification_loss(module, images, labels)
+    for ours, reference in zip(
+        torch.autograd.grad(loss, params), torch.autograd.grad(plain, params), strict=True
+    ):
+        torch.testing.assert_close(ours, reference)
+
+
+# ---------------------------------------------------------------------------------------------- check(plan)
+def plan(max_epochs: int, steps_per_epoch: int, *, freeze: int = 0, pretrained: bool = True) -> TrainingPlan:
+    return TrainingPlan(
+        max_epochs=max_epochs,
+        steps_per_epoch=steps_per_epoch,
+        freeze_backbone_epochs=freeze,
+        pretrained_backbone=pretrained,
+        resuming=False,
+    )
+
+
+def test_check_refuses_rounds_that_do_not_fit_naming_every_option_and_number():
+    regularizer = LinR(rounds=3, cls_steps=200, linr_steps=200, start_epoch=2)
+    regularizer.check(plan(max_epochs=14, steps_per_epoch=100))  # 12 epochs × 100 = 1200 steps: fits
+    with pytest.raises(ConfigError) as refused:
+        regularizer.check(plan(max_epochs=13, steps_per_epoch=100))
+    message = str(refused.value)
+    for part in (
+        "regularizer.linr.rounds/cls_steps/linr_steps",
+        "3·(200 + 200) = 1200",
+        "only 1100 fit",
+        "epoch 2",
+        "trainer.max_epochs=13",
+        "data.steps_per_epoch=100",
+        "at least 14",
+    ):
+        assert part in message, (part, message)
+    with pytest.raises(ConfigError, match="only 0 fit"):  # refinement would start after the last epoch
+        regularizer.check(plan(max_epochs=2, steps_per_epoch=100))
+
+
+def test_check_counts_from_epoch_0_with_init_from_and_no_classification_steps_for_linrnl():
+    from_checkpoint = LinR(rounds=2, cls_steps=3, linr_steps=3, init_from="best.ckpt")
+    from_checkpoint.check(plan(max_epochs=2, steps_per_epoch=6))
+    with pytest.raises(ConfigError, match=r"at least 3\b"):
+        from_checkpoint.check(plan(max_epochs=2, steps_per_epoch=5))
+    no_labels = LinR(variant="linrnl", rounds=2, cls_steps=100, linr_steps=3, init_from="best.ckpt")
+    no_labels.check(plan(max_epochs=1, steps_per_epoch=6))
+    with pytest.raises(ConfigError, match=r"2·\(0 \+ 3\) = 6 steps \(cls_steps counts 0: variant=linrnl"):
+        no_labels.check(plan(max_epochs=1, steps_per_epoch=5))
+
+
+def test_check_refuses_to_refine_the_network_as_built_unless_allowed():
+    for options in ({}, {"start_epoch": 0}):
+        for pretrained, built in (
+            (True, "ImageNet backbone with randomly"),
+            (False, "randomly initialised net"),
+        ):
+            with pytest.raises(ConfigError) as refused:
+                LinR(rounds=1, cls_steps=1, linr_steps=1, **options).check(plan(5, 10, pretrained=pretrained))
+            message = str(refused.value)
+            assert built in message
+            for option in ("init_from", "start_epoch", "regularizer.linr.allow_untrained=true"):
+                assert option in message
+    LinR(rounds=1, cls_steps=1, linr_steps=1, allow_untrained=True).check(plan(5, 10))
+    LinR(rounds=1, cls_steps=1, linr_steps=1, start_epoch=1).check(plan(5, 10))
+    LinR(rounds=1, cls_steps=1, linr_steps=1, init_from="x.ckpt").check(plan(5, 10))
+    # ... and the frozen-backbone refusal of attach comes before any work too
+    with pytest.raises(ConfigError, match="freeze_backbone_epochs=20"):
+        LinR(rounds=1, cls_steps=1, linr_steps=1, start_epoch=10).check(plan(30, 10, freeze=20))
+
+
+def test_the_default_yaml_is_refused_and_its_documented_examples_pass(tiny_config):
+    default = instantiate(tiny_config("regularizer=linr").regularizer.linr)
+    assert default.allow_untrained is False and default.bn_mode == "train" and default.cls_loss == "task"
+    with pytest.raises(ConfigError, match="allow_untrained"):
+        default.check(plan(max_epochs=120, steps_per_epoch=200))
+    # linr.yaml's two examples: refine a checkpoint in 6 epochs of 200 steps, or epochs 120–125 of a run.
+    examples = (
+        (("regularizer.linr.init_from=best.ckpt", "freeze_backbone_epochs=0"), 6),
+        (("regularizer.linr.start_epoch=120",), 126),
+    )
+    for overrides, max_epochs in examples:
+        cfg = tiny_config("regularizer=linr", *overrides, f"trainer.max_epochs={max_epochs}")
+        instantiate(cfg.regularizer.linr).check(plan(cfg.trainer.max_epochs, 200, freeze=0))
+
+
+@pytest.mark.parametrize("wandb", [False, True])
+def test_linr_end_of_the_studies_passes_the_checks(wandb):
+    """sweeps/regularizer/linr_end.yaml as compare_regularizers composes it (Hydra study and W&B sweep)."""
+    register_resolvers()
+    if wandb:  # the W&B sweep's command: the train config, --config-dir=sweeps, experiment=_paper_recipe
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            overrides = [f"hydra.searchpath=[file://{SWEEPS}]", "experiment=_paper_recipe"]
+            cfg = compose("train", overrides=[*overrides, "regularizer=linr_end"])
+    else:
+        with initialize_config_dir(str(SWEEPS), version_base="1.3"):
+            overrides = [f"hydra.searchpath=[file://{CONF}]", "regularizer=linr_end"]
+            cfg = compose("compare_regularizers", overrides=overrides)
+    linr = instantiate(cfg.regularizer.linr)
+    assert linr.start_epoch == 114
+    linr.check(
+        TrainingPlan(
+            max_epochs=cfg.trainer.max_epochs,
+            steps_per_epoch=cfg.data.steps_per_epoch,
+            freeze_backbone_epochs=cfg.freeze_backbone_epochs,
+            pretrained_backbone=cfg.backbone.pretrained,
+            resuming=False,
+        )
+    )
+
+
+def test_end_of_run_warning_only_when_the_run_stopped_before_refinement_did(caplog):
+    regularizer = LinR(rounds=1, cls_steps=1, linr_steps=2)
+    module = FakeModule(regularizer)
+    regularizer.training_step(module, _batch(), 0)
+    with caplog.at_level("WARNING", logger="reidreg.regularizers.linr"):
+        regularizer.on_train_end(module)  # e.g. trainer.max_steps stopped the run after 1 of 3 steps
+    assert "LinR stopped after 1 of 3 steps" in caplog.text
+    caplog.clear()
+    for batch_idx in (1, 2):
+        regularizer.training_step(module, _batch(), batch_idx)
+    with caplog.at_level("WARNING", logger="reidreg.regularizers.linr"):
+        regularizer.on_train_end(module)
+    assert "LinR stopped" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- no host sync
+@pytest.mark.parametrize("variant", ["linr", "linrc", "linrnl", "linrnm"])
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_steps_read_no_tensor_value_on_the_host(variant, bn_mode):
+    regularizer = LinR(variant=variant, bn_mode=bn_mode, rounds=2, cls_steps=1, linr_steps=1)
+    module = FakeModule(regularizer)
+    with HostReads() as reads:
+        logs = [regularizer.training_step(module, _batch(), i) for i in range(regularizer.total_steps)]
+    assert reads.ops == []
+    assert [log["phase"] for log in logs] == ([1.0] * 2 if variant == "linrnl" else [0.0, 1.0] * 2)
+    assert module.trainer.should_stop
+
+
+def test_the_step_counter_is_a_python_int_mirrored_in_the_checkpointed_buffer():
+    first = LinR(rounds=2, cls_steps=1, linr_steps=2)
+    module = FakeModule(first)
+    for batch_idx in range(4):
+        first.training_step(module, _batch(), batch_idx)
+        assert first.step_count == int(first.steps_done) == batch_idx + 1
+    resumed = LinR(rounds=2, cls_steps=1, linr_steps=2)
+    assert resumed.step_count == 0
+    holder = nn.ModuleDict({"linr": resumed})  # loaded as a submodule, as ReIDModule's checkpoint does
+    holder.load_state_dict(nn.ModuleDict({"linr": first}).state_dict())
+    assert resumed.step_count == 4
+    assert resumed.training_step(FakeModule(resumed), _batch(), 0)["round"] == 1.0
+    assert resumed.step_count == int(resumed.steps_done) == 5
+
+
+def test_p2_with_b_zero_is_the_first_image_alone():
+    got, _ = mixed_pair_kl(MIXED, LOGITS_X, LOGITS_Y, 1.0)
+    for i in range(2):
+        p1, px = _softmax(MIXED[i].tolist()), _softmax(LOGITS_X[i].tolist())
+        assert got[i].item() == pytest.approx(
+            sum(p1[c] * math.log(p1[c] / px[c]) for c in range(4)), rel=1e-5
+        )

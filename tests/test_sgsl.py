@@ -19,6 +19,7 @@ from reidreg.losses import ReIDLoss
 from reidreg.models import HeadOutput, ReIDModel, ResNetBackbone
 from reidreg.regularizers import TrainStep, build_regularizers
 from reidreg.regularizers.sgsl import SGSL, stop_gradient_softmax_loss
+from tests.host_reads import HostReads
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ADAPTIVE_L2_YAML = CONF_DIR / "regularizer" / "adaptive_l2.yaml"
@@ -318,3 +319,122 @@ def test_end_to_end_sgsl_with_rbr(tiny_config):
 def test_end_to_end_sgsl_with_adaptive_l2(tiny_config):
     rows = run(tiny_config, "regularizer=[adaptive_l2,sgsl]")
     check_training_rows(rows, other_terms=("reg/adaptive_l2/penalty",))
+
+
+# ---------------------------------------------------------------------------------------- feature
+def step_with_two_features(embedding, bn_feature, classifier, labels, *, ce: float = 1.0) -> TrainStep:
+    """One objective module whose retrieval embedding and BN output are different tensors."""
+    step = fake_step(bn_feature, classifier, labels, ce=ce)
+    step.outputs["global"] = HeadOutput(
+        embedding=embedding, bn_feature=bn_feature, logits=step.outputs["global"].logits
+    )
+    return step
+
+
+def test_feature_embedding_is_eq6_on_the_embedding_with_its_gradient_and_none_through_bn():
+    _, classifier, labels = tensors()
+    embedding = torch.tensor(FEATURES, dtype=torch.float64, requires_grad=True)
+    bn_rows = [[0.3, -1.0, 0.4], [2.0, 0.5, -0.1], [-0.6, 0.9, 1.2]]
+    bn_feature = torch.tensor(bn_rows, dtype=torch.float64, requires_grad=True)
+    for feature, rows, used, unused in (
+        ("embedding", FEATURES, embedding, bn_feature),
+        ("bn", bn_rows, bn_feature, embedding),
+    ):
+        step = step_with_two_features(embedding, bn_feature, classifier, labels)
+        term = SGSL(feature=feature, beta=2.0).loss_terms(step)["global/sgsl"]
+        assert term.item() == pytest.approx(2.0 * eq6_reference(rows, CLASS_WEIGHTS, LABELS, 30.0), rel=1e-12)
+        gradient, no_gradient = torch.autograd.grad(term, [used, unused], allow_unused=True)
+        assert no_gradient is None
+        for i, d in ((0, 0), (1, 2), (2, 1)):  # central differences of 2·eq. 6 in the used feature
+            plus, minus = [r[:] for r in rows], [r[:] for r in rows]
+            plus[i][d] += 1e-6
+            minus[i][d] -= 1e-6
+            numeric = (
+                eq6_reference(plus, CLASS_WEIGHTS, LABELS, 30.0)
+                - eq6_reference(minus, CLASS_WEIGHTS, LABELS, 30.0)
+            ) / 1e-6
+            assert gradient[i, d].item() == pytest.approx(numeric, abs=2e-7)
+        assert classifier.weight.grad is None  # the proxies stay detached
+
+
+def test_feature_option_in_the_yaml_and_invalid_values_refused():
+    assert compose_regularizers("regularizer=sgsl")["sgsl"].feature == "bn"
+    assert compose_regularizers("regularizer=sgsl", "regularizer.sgsl.feature=embedding")["sgsl"].feature == (
+        "embedding"
+    )
+    with pytest.raises(ConfigError, match=r"feature.*'logits'"):
+        SGSL(feature="logits")
+
+
+def test_every_objective_module_adds_its_own_term_of_weight_beta():
+    """Three modules → three terms of weight β: 3× the paper's single-head weight unless heads=[global]."""
+    _, classifier, labels = tensors()
+    rows = {"global": FEATURES, "stripe1": [[0.1, 1.0, 0.2]] * 3, "stripe2": [[1.0, -1.0, 0.5]] * 3}
+    step = fake_step(torch.tensor(rows["global"], dtype=torch.float64), classifier, labels)
+    for head in ("stripe1", "stripe2"):
+        features = torch.tensor(rows[head], dtype=torch.float64)
+        step.outputs[head] = HeadOutput(embedding=features, bn_feature=features, logits=classifier(features))
+        step.model.objective_modules[head] = step.model.objective_modules["global"]
+        step.task_losses[f"{head}/ce"] = torch.tensor(1.0)
+    terms = SGSL(beta=0.5, ce_gate=None).loss_terms(step)
+    assert set(terms) == {"global/sgsl", "stripe1/sgsl", "stripe2/sgsl"}
+    for head, values in rows.items():
+        assert terms[f"{head}/sgsl"].item() == pytest.approx(
+            0.5 * eq6_reference(values, CLASS_WEIGHTS, LABELS, 30.0)
+        )
+    assert set(SGSL(beta=0.5, ce_gate=None, heads=["global"]).loss_terms(step)) == {"global/sgsl"}
+
+
+# ---------------------------------------------------------------------------------------- no host sync
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """The gate as it runs on an accelerator: never decided on the host, even for CPU tensors."""
+    monkeypatch.setattr(SGSL, "closed_on_host", staticmethod(lambda is_open: False))
+
+
+@pytest.mark.parametrize("ce_gate", [3.0, None])
+def test_gated_step_reads_no_tensor_value_on_the_host(as_on_a_gpu, ce_gate):
+    features, classifier, labels = tensors()
+    sgsl = SGSL(ce_gate=ce_gate)
+    with HostReads() as reads:
+        for ce in (2.0, 4.0):
+            term = sgsl.loss_terms(fake_step(features, classifier, labels, ce=ce))["global/sgsl"]
+            term.backward()
+            logs = sgsl.on_before_optimizer_step(None, None)
+    assert reads.ops == []
+    if ce_gate is not None:  # logged as device tensors
+        assert isinstance(logs["global/gate_open"], torch.Tensor)
+    assert isinstance(logs["global/l_sgsl"], torch.Tensor)
+
+
+def test_device_side_gate_adds_exactly_zero_and_no_gradient_when_closed(as_on_a_gpu):
+    features, classifier, labels = tensors()
+    expected = eq6_reference(FEATURES, CLASS_WEIGHTS, LABELS, 30.0)
+    sgsl = SGSL(ce_gate=3.0, beta=1.5)
+    closed = sgsl.loss_terms(fake_step(features, classifier, labels, ce=3.2))["global/sgsl"]
+    logs = sgsl.on_before_optimizer_step(None, None)
+    assert closed.item() == 0.0 and logs["global/gate_open"].item() == 0.0
+    assert logs["global/l_sgsl"].item() == pytest.approx(expected, rel=1e-12)
+    (gradient,) = torch.autograd.grad(closed, features)
+    assert torch.equal(gradient, torch.zeros_like(features))
+
+    opened = sgsl.loss_terms(fake_step(features, classifier, labels, ce=3.0))["global/sgsl"]
+    assert opened.item() == pytest.approx(1.5 * expected, rel=1e-12)
+    assert sgsl.on_before_optimizer_step(None, None)["global/gate_open"].item() == 1.0
+    (gradient,) = torch.autograd.grad(opened, features)
+    reference = SGSL(ce_gate=None, beta=1.5).loss_terms(fake_step(features, classifier, labels))[
+        "global/sgsl"
+    ]
+    torch.testing.assert_close(gradient, torch.autograd.grad(reference, features)[0], rtol=0, atol=0)
+
+
+def test_closed_gate_passes_no_nan_from_a_non_finite_value(as_on_a_gpu):
+    features, classifier, labels = tensors()
+    with torch.no_grad():
+        features[1, 0] = float("inf")  # L2-normalising an infinite feature gives NaN: L_SGSL is NaN
+    sgsl = SGSL(ce_gate=3.0)
+    closed = sgsl.loss_terms(fake_step(features, classifier, labels, ce=5.0))["global/sgsl"]
+    assert sgsl.on_before_optimizer_step(None, None)["global/l_sgsl"].isnan()
+    assert closed.item() == 0.0  # selected away, not multiplied by 0 (0·NaN = NaN)
+    (gradient,) = torch.autograd.grad(closed, features)
+    assert torch.equal(gradient, torch.zeros_like(features))

@@ -30,43 +30,70 @@ Choices where the paper is silent (ours):
   permutation, so never with itself — "two different images"); one ``a`` per batch, as in mixup [38]
   whose mix operation LinR borrows (§2). ``a`` is logged. Both are drawn from a generator seeded with
   ``(seed, step)``, so that a resumed run draws the same ones.
-- ``f(x)`` and ``f(y)`` come from one no-grad forward pass of the batch in train mode (BatchNorm uses
-  batch statistics, as for every training forward pass; running statistics are updated by it and by the
-  mixed pass); ``f(y)`` is that output permuted, which equals a forward pass of the permuted batch.
-- classification loss: ``cls_loss: task`` (default) is the baseline's ReID loss (label-smoothed CE +
-  triplet), ``ce`` only the label-smoothed CE of every module (eq. 8 with smoothed targets).
+- BatchNorm in the LinR phase (``bn_mode``; the paper does not say which mode its LinR phase uses):
+
+  - ``train`` (default): as in every training forward pass, BatchNorm normalises with the statistics of
+    the batch it sees and updates its running statistics (and ``num_batches_tracked``) — twice per
+    LinR step, in the no-grad forward pass of the clean batch that gives P2 and in the mixed forward
+    pass. P1 and P2 are thus computed with *different* normalisations (mixed batch vs clean batch), so
+    part of the P1–P2 gap is the change of batch statistics, not the network's nonlinearity. For
+    ``linrnm`` this makes the loss nearly inert on this network: its first convolution has no bias, so
+    the batch statistics of ``a·x`` are those of ``x`` scaled by ``a`` and the first BatchNorm removes
+    ``a``: ``f(a·x) ≈ f(x)``, the loss ≈ ``−log a`` per objective module, and its gradient ≈ 0.
+  - ``eval``: every BatchNorm layer is in eval mode for both forward passes of a LinR step (the P2
+    target and the mixed / scaled input): it normalises with its running statistics, which stay frozen
+    (neither updated nor counted: ``num_batches_tracked`` is unchanged). P1 and P2 then come from one
+    and the same function ``f``; BatchNorm's affine weights still get gradients and are updated by the
+    LinR optimizer. The layers are switched back to train mode afterwards.
+
+  The classification phase is a standard training forward pass in both modes (batch statistics,
+  running statistics updated).
+- ``f(y)`` is ``f(x)`` permuted: in ``train`` mode the output of the clean batch's forward pass permuted
+  equals a forward pass of the permuted batch (same batch statistics); in ``eval`` mode trivially.
+- classification loss (``cls_loss``): ``task`` (default) is the baseline's ReID loss (label-smoothed
+  CE + triplet); ``ce`` only the label-smoothed CE of every module; ``ce_plain`` eq. 8 literally, the
+  cross-entropy ``H(p, q)`` with the one-hot label ``p`` (no label smoothing, no triplet), summed over
+  modules.
 - after ``T`` rounds (Algorithm 1 line 8, "return θ") the regularizer asks the Trainer to stop (the
-  epoch's validation and checkpointing still run); a run that ends before that warns. As in every run,
-  the test uses the checkpoint chosen on validation — with ``start_epoch`` that may predate refinement.
+  epoch's validation and checkpointing still run). As in every run, the test uses the checkpoint chosen
+  on validation — with ``start_epoch`` that may predate refinement.
 
 Start: from a reidreg checkpoint (``init_from``: its ``model.*`` weights are loaded in ``attach``), or at
-the start of epoch ``start_epoch`` (0-based) of the current run after standard training; with neither,
-refinement starts at step 0 from the weights the network was built with. The paper's **"sweet point"**
-(§4.8, Figs. 4–5): refining a model trained for too few epochs only fluctuates around its baseline (or
-helps in the first refining epoch only); after the sweet-point epoch every refinement beats the baseline.
-So start from a converged model or at a late ``start_epoch``.
+the start of epoch ``start_epoch`` (0-based) of the current run after standard training. The paper's
+**"sweet point"** (§4.8, Figs. 4–5): refining a model trained for too few epochs only fluctuates around
+its baseline (or helps in the first refining epoch only); after the sweet-point epoch every refinement
+beats the baseline. So start from a converged model or at a late ``start_epoch``.
+
+Checks before any work (``check``): the ``rounds·(cls_steps + linr_steps)`` steps must fit between the
+start of refinement (``start_epoch``, or 0) and ``trainer.max_epochs``; and refining the network as
+built (neither ``init_from`` nor a ``start_epoch`` > 0: a randomly initialised network, or an ImageNet
+backbone with random heads) is refused unless ``allow_untrained`` says so. A run that still ends before
+the last step (stopped by something else: ``max_steps``, ``max_time``, a divergence stop) warns at the end.
 
 While LinR runs, the main (Adam) optimizer is not stepped; its per-epoch learning-rate schedule still
-advances, which has no effect on LinR. Round, phase and random draws are functions of ``steps_done`` (a
-buffer saved in checkpoints), so a resumed run continues exactly where it stopped.
+advances, which has no effect on LinR. Round, phase and random draws are functions of the number of
+refinement steps done, kept as a python int (read every step without a device synchronisation) and
+mirrored in the buffer ``steps_done``, which checkpoints save; loading a checkpoint sets the int from the
+buffer, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from reidreg.errors import ConfigError
-from reidreg.models import HeadOutput
-from reidreg.regularizers.base import LogDict, Regularizer
+from reidreg.regularizers.base import LogDict, Regularizer, TrainingPlan
 
 if TYPE_CHECKING:
     from reidreg.training.module import ReIDModule
@@ -74,6 +101,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VARIANTS = ("linr", "linrc", "linrnl", "linrnm")
+CLS_LOSSES = ("task", "ce", "ce_plain")
+BN_MODES = ("train", "eval")
 CLASSIFICATION_PHASE, LINR_PHASE = 0, 1
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -88,6 +117,10 @@ def random_partner(batch_size: int, rng: np.random.Generator) -> torch.Tensor:
     return partner
 
 
+def _log(weight: float) -> float:
+    return math.log(weight) if weight > 0 else -math.inf
+
+
 def mixed_pair_kl(
     mixed_logits: torch.Tensor,
     logits_x: torch.Tensor,
@@ -99,12 +132,13 @@ def mixed_pair_kl(
     """Per-pair KL(P1 ‖ P2) of eqs. 4–7 (P2 detached) and the summed classes (all / eq. 9).
 
     ``mixed_logits = f(a·x + b·y)``, ``logits_x = f(x)``, ``logits_y = f(y)``, all (B, NC). Computed in log
-    space: log P2 = logsumexp(log a + log softmax f(x), log b + log softmax f(y)).
+    space: log P2 = logaddexp(log a + log softmax f(x), log b + log softmax f(y)) (b = 0: log b = −inf).
     """
     log_p1 = F.log_softmax(mixed_logits.float(), dim=1)
-    log_weights = torch.tensor([a, 1.0 - a], device=mixed_logits.device).log()  # b = 0 gives -inf: fine
-    log_components = torch.stack([F.log_softmax(z.detach().float(), dim=1) for z in (logits_x, logits_y)])
-    log_p2 = torch.logsumexp(log_weights[:, None, None] + log_components, dim=0)
+    log_p2 = torch.logaddexp(
+        _log(a) + F.log_softmax(logits_x.detach().float(), dim=1),
+        _log(1.0 - a) + F.log_softmax(logits_y.detach().float(), dim=1),
+    )
     num_classes = mixed_logits.shape[1]
     keep = log_p2.exp() > 1.0 / num_classes if confident_only else torch.ones_like(log_p1, dtype=torch.bool)
     terms = log_p1.exp() * (log_p1 - log_p2)
@@ -116,6 +150,25 @@ def scaled_input_kl(scaled_logits: torch.Tensor, logits_x: torch.Tensor, a: floa
     log_p1 = F.log_softmax(scaled_logits.float(), dim=1)
     log_target = math.log(a) + F.log_softmax(logits_x.detach().float(), dim=1)
     return (log_p1.exp() * (log_p1 - log_target)).sum(dim=1)
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Inside: every BatchNorm layer of ``model`` in eval mode (normalises with its running statistics,
+    which it neither updates nor counts); afterwards the layers that were training train again."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for layer in layers:
+        layer.train(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train(True)
+
+
+def _mirror_loaded_step_count(module: LinR, incompatible_keys: Any) -> None:
+    """After ``load_state_dict`` (resume): the python step counter from the loaded buffer (one read)."""
+    module.step_count = int(module.steps_done)
 
 
 class LinR(Regularizer):
@@ -130,17 +183,21 @@ class LinR(Regularizer):
         alpha: float = 0.75,
         variant: str = "linr",
         cls_loss: str = "task",
+        bn_mode: str = "train",
         cls_optimizer: OptimizerFactory | None = None,
         linr_optimizer: OptimizerFactory | None = None,
         init_from: str | None = None,
         start_epoch: int | None = None,
+        allow_untrained: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ConfigError(f"regularizer.linr.variant must be one of {VARIANTS}, got {variant!r}")
-        if cls_loss not in ("task", "ce"):
-            raise ConfigError(f"regularizer.linr.cls_loss must be 'task' or 'ce', got {cls_loss!r}")
+        if cls_loss not in CLS_LOSSES:
+            raise ConfigError(f"regularizer.linr.cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+        if bn_mode not in BN_MODES:
+            raise ConfigError(f"regularizer.linr.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if init_from is not None and start_epoch is not None:
             raise ConfigError(
                 "regularizer.linr: set init_from (refine a checkpoint) or start_epoch (refine within this "
@@ -155,8 +212,9 @@ class LinR(Regularizer):
             raise ConfigError(f"regularizer.linr.start_epoch must be >= 0, got {start_epoch}")
         self.rounds, self.linr_steps, self.alpha = rounds, linr_steps, alpha
         self.cls_steps = 0 if variant == "linrnl" else cls_steps  # LinRNL: no classification phase
-        self.variant, self.cls_loss = variant, cls_loss
+        self.variant, self.cls_loss, self.bn_mode = variant, cls_loss, bn_mode
         self.init_from, self.start_epoch, self.seed = init_from, start_epoch, seed
+        self.allow_untrained = allow_untrained
         # Paper §4.2 values when built from Python without a config.
         self.cls_optimizer_factory = cls_optimizer or functools.partial(
             torch.optim.SGD, lr=3e-4, momentum=0.9, weight_decay=5e-4
@@ -166,8 +224,11 @@ class LinR(Regularizer):
         )
         # [classification, LinR], created by extra_optimizers (Lightning then checkpoints them).
         self.phase_optimizers: list[torch.optim.Optimizer] = []
-        # LinR steps done so far (both phases); a buffer so that checkpoints save it and resume is exact.
+        # LinR steps done so far (both phases): a python int read every step (no device synchronisation),
+        # mirrored in a buffer so that checkpoints save it; loading one sets the int back (exact resume).
+        self.step_count = 0
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_post_hook(_mirror_loaded_step_count)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -179,18 +240,55 @@ class LinR(Regularizer):
         round_index, within = divmod(step, self.cls_steps + self.linr_steps)
         return round_index, CLASSIFICATION_PHASE if within < self.cls_steps else LINR_PHASE
 
+    @property
+    def refine_from_epoch(self) -> int:
+        return self.start_epoch or 0
+
     def is_active(self, module: ReIDModule) -> bool:
-        return self.start_epoch is None or module.current_epoch >= self.start_epoch
+        return module.current_epoch >= self.refine_from_epoch
 
     # ------------------------------------------------------------------ hooks
-    def attach(self, module: ReIDModule) -> None:
-        refine_from_epoch = self.start_epoch or 0
-        if refine_from_epoch < module.freeze_backbone_epochs:
+    def check(self, plan: TrainingPlan) -> None:
+        """Refuse, before any work, a refinement that cannot run as configured (see the module docstring)."""
+        self.check_backbone_not_frozen(plan.freeze_backbone_epochs)
+        if self.init_from is None and not self.start_epoch and not self.allow_untrained:
+            network = (
+                "an ImageNet backbone with randomly initialised heads"
+                if plan.pretrained_backbone
+                else "a randomly initialised network"
+            )
             raise ConfigError(
-                f"regularizer.linr refines the whole network from epoch {refine_from_epoch}, but "
-                f"freeze_backbone_epochs={module.freeze_backbone_epochs} freezes the backbone until then; "
+                f"regularizer.linr would refine the network as built ({network}) from the first step: "
+                f"init_from=null, start_epoch={self.start_epoch}. LinR refines a trained model (paper 003 "
+                "§4.8, 'sweet point'): set regularizer.linr.init_from=<run>/checkpoints/best.ckpt, or "
+                "regularizer.linr.start_epoch=E to train normally for E epochs first, or "
+                "regularizer.linr.allow_untrained=true to refine it anyway"
+            )
+        available = max(plan.max_epochs - self.refine_from_epoch, 0) * plan.steps_per_epoch
+        if self.total_steps > available:
+            no_cls = " (cls_steps counts 0: variant=linrnl has no classification phase)"
+            needed_epochs = self.refine_from_epoch + math.ceil(
+                self.total_steps / max(plan.steps_per_epoch, 1)
+            )
+            raise ConfigError(
+                f"regularizer.linr needs rounds·(cls_steps + linr_steps) = {self.rounds}·({self.cls_steps} + "
+                f"{self.linr_steps}) = {self.total_steps} steps{no_cls if self.variant == 'linrnl' else ''}, "
+                f"but only {available} fit between the start of refinement (epoch {self.refine_from_epoch}) "
+                f"and trainer.max_epochs={plan.max_epochs} at data.steps_per_epoch={plan.steps_per_epoch}; "
+                f"raise trainer.max_epochs to at least {needed_epochs}, or lower "
+                "regularizer.linr.rounds/cls_steps/linr_steps"
+            )
+
+    def check_backbone_not_frozen(self, freeze_backbone_epochs: int) -> None:
+        if self.refine_from_epoch < freeze_backbone_epochs:
+            raise ConfigError(
+                f"regularizer.linr refines the whole network from epoch {self.refine_from_epoch}, but "
+                f"freeze_backbone_epochs={freeze_backbone_epochs} freezes the backbone until then; "
                 "set freeze_backbone_epochs=0 (refining a checkpoint) or a later regularizer.linr.start_epoch"
             )
+
+    def attach(self, module: ReIDModule) -> None:
+        self.check_backbone_not_frozen(module.freeze_backbone_epochs)
         if self.init_from is not None:
             self.load_network(module, Path(self.init_from))
 
@@ -222,7 +320,7 @@ class LinR(Regularizer):
     def training_step(self, module: ReIDModule, batch: Any, batch_idx: int) -> LogDict | None:
         if not self.is_active(module):
             return None  # standard training until start_epoch
-        step = int(self.steps_done)
+        step = self.step_count
         if step >= self.total_steps:
             return {}  # refinement done: keep the weights (only reached if the Trainer cannot stop yet)
         round_index, phase = self.phase_of(step)
@@ -234,16 +332,19 @@ class LinR(Regularizer):
             rng = np.random.default_rng([self.seed, step])
             loss, logs = self.linr_loss(module.model, images, rng)
         module.optimize(loss, self.lightning_optimizer(module, self.phase_optimizers[phase]))
-        self.steps_done += 1
+        self.step_count = step + 1
+        self.steps_done.fill_(self.step_count)
         if step + 1 == self.total_steps:
             module.trainer.should_stop = True  # Algorithm 1 line 8: return the refined θ
         return {"phase": float(phase), "round": float(round_index), **logs}
 
     def on_train_end(self, module: ReIDModule) -> None:
-        if int(self.steps_done) < self.total_steps:
+        # ``check`` made the rounds fit in the epochs; something else stopped the run (max_steps, max_time,
+        # a divergence stop) or it started before that check.
+        if self.step_count < self.total_steps:
             log.warning(
-                "LinR stopped after %d of %d steps (%d rounds of %d + %d); raise trainer.max_epochs",
-                int(self.steps_done),
+                "LinR stopped after %d of %d steps (%d rounds of %d + %d): the run ended before refinement",
+                self.step_count,
                 self.total_steps,
                 self.rounds,
                 self.cls_steps,
@@ -254,30 +355,39 @@ class LinR(Regularizer):
     def classification_loss(
         self, module: ReIDModule, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, LogDict]:
-        """Algorithm 1 line 5: the ReID task loss (``task``) or its label-smoothed CE terms only (``ce``)."""
+        """Algorithm 1 line 5: the ReID task loss (``task``), its label-smoothed CE terms (``ce``), or eq. 8's
+        plain cross-entropy ``H(p, q) = −Σ_c p_c log q_c``, p one-hot (``ce_plain``), summed over modules.
+
+        Logged: ``ce`` = the label-smoothed CE summed over modules (whatever the loss), ``cls_loss``.
+        """
         outputs = module.model(images)
         terms = module.loss(outputs, labels)
         ce = sum(terms[f"{head}/ce"] for head in outputs)
-        loss = terms["total"] if self.cls_loss == "task" else ce
+        if self.cls_loss == "task":
+            loss = terms["total"]
+        elif self.cls_loss == "ce":
+            loss = ce
+        else:
+            loss = sum(F.cross_entropy(out.logits.float(), labels) for out in outputs.values())
         return loss, {"ce": ce.detach(), "cls_loss": loss.detach()}
 
     def linr_loss(
-        self,
-        model: Callable[[torch.Tensor], dict[str, HeadOutput]],
-        images: torch.Tensor,
-        rng: np.random.Generator,
+        self, model: nn.Module, images: torch.Tensor, rng: np.random.Generator
     ) -> tuple[torch.Tensor, LogDict]:
-        """Algorithm 1 line 6: L_LinR (eqs. 4–7), LinRC (eq. 9) or LinRNM (eq. 10), summed over modules."""
+        """Algorithm 1 line 6: L_LinR (eqs. 4–7), LinRC (eq. 9) or LinRNM (eq. 10), summed over modules;
+        both forward passes with BatchNorm as ``bn_mode`` says."""
         a = float(rng.beta(self.alpha, self.alpha))
-        with torch.no_grad():  # P2 is a stop-gradient target
-            logits_x = {head: out.logits for head, out in model(images).items()}
-        if self.variant == "linrnm":
-            scaled = model(a * images)
-            kl = sum(scaled_input_kl(scaled[head].logits, logits_x[head], a).mean() for head in logits_x)
-            return kl, {"kl": kl.detach(), "a": a}
+        with frozen_batchnorm(model) if self.bn_mode == "eval" else contextlib.nullcontext():
+            with torch.no_grad():  # P2 is a stop-gradient target
+                logits_x = {head: out.logits for head, out in model(images).items()}
+            if self.variant == "linrnm":
+                scaled = model(a * images)
+                kl = sum(scaled_input_kl(scaled[head].logits, logits_x[head], a).mean() for head in logits_x)
+                return kl, {"kl": kl.detach(), "a": a}
 
-        partner = random_partner(images.shape[0], rng).to(images.device)
-        mixed = model(a * images + (1.0 - a) * images[partner])
+            # non_blocking: a host-to-device copy that does not wait for the device's queued work.
+            partner = random_partner(images.shape[0], rng).to(images.device, non_blocking=True)
+            mixed = model(a * images + (1.0 - a) * images[partner])
         confident_only = self.variant == "linrc"
         kl, kept_shares = 0.0, []
         for head, head_logits in logits_x.items():
@@ -303,6 +413,7 @@ class LinR(Regularizer):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, variant={self.variant}, rounds={self.rounds}, cls_steps={self.cls_steps}, "
-            f"linr_steps={self.linr_steps}, alpha={self.alpha}, init_from={self.init_from}, "
-            f"start_epoch={self.start_epoch}"
+            f"linr_steps={self.linr_steps}, alpha={self.alpha}, cls_loss={self.cls_loss}, "
+            f"bn_mode={self.bn_mode}, init_from={self.init_from}, start_epoch={self.start_epoch}, "
+            f"allow_untrained={self.allow_untrained}"
         )

@@ -1,8 +1,9 @@
 """SGSL — Stop-Gradient Softmax Loss (paper 004, eqs. 6–7; METHODS §4; official code).
 
 A second, *cosine* softmax loss on each objective module that shares the identity classifier with the
-label-smoothed CE but lets no gradient reach that classifier. With x = the module's BN output and W its
-classifier rows, both L2-normalised, and W detached (Ŵ):
+label-smoothed CE but lets no gradient reach that classifier. With x = the module's BN output (or, with
+``feature: embedding``, its retrieval embedding) and W its classifier rows, both L2-normalised, and W
+detached (Ŵ):
 
     s_p = cos(x, Ŵ_y)                                       (positive-proxy similarity)
     s_n = LSE^γ_{j≠y} cos(x, Ŵ_j) = (1/γ) log Σ_{j≠y} exp(γ cos(x, Ŵ_j))   (soft max over the negatives)
@@ -26,8 +27,25 @@ Paper vs official code vs this file:
 - The official code writes softplus as log(1 + exp(·)) and takes logsumexp over the negatives gathered
   with a boolean mask; here the target is masked with −inf inside one logsumexp, and ``F.softplus`` is
   used — the same values, without overflow.
-- The official model has one head (BNNeck); here every objective module (global + stripes) gets its own
-  SGSL term, on its own BN output and classifier, unless ``heads`` restricts them.
+- *Heads and β.* The official model has one head (BNNeck); here every objective module (global + stripes)
+  gets its own SGSL term, on its own feature and classifier, unless ``heads`` restricts them. Each term
+  is weighted by β, so the three modules of the AdaptiveReID network add three terms of weight β: 3× the
+  paper's single-head weight. ``heads: [global]`` is the paper's single term; β/3 on all three keeps the
+  paper's total weight spread over the modules.
+- *Which feature* (``feature``). The paper puts SGSL on the BNNeck feature and argues that it helps
+  because training and test then share the L2-normalised feature (§1). In AdaptiveReID, retrieval uses
+  the clipped GAP feature *before* BN (the embedding), so with ``feature: bn`` (default, the paper's
+  placement) SGSL shapes a feature that retrieval does not use. ``feature: embedding`` puts the same
+  equations on the retrieval embedding instead; the proxies stay the (detached) classifier rows, which
+  CE learns in the BN output space — BN is a per-channel affine map, so on the embedding the proxies'
+  directions are compared with a feature in other coordinates (and, clipped to [0, 1], non-negative,
+  with no gradient through clipped channels). An option to measure, not the paper's setup.
+- *No host synchronisation.* The gate is a tensor: the term is ``where(CE ≤ gate, β·L_SGSL, 0)`` and the
+  feature enters L_SGSL as ``where(CE ≤ gate, x, x.detach())``, so a closed gate adds exactly 0 and
+  passes exactly no gradient (a selection, not a multiplication by 0, which would turn a non-finite
+  L_SGSL into NaN gradients); the logged values stay device tensors. Only when the CE is a CPU tensor
+  (training on the CPU), where reading it costs no synchronisation, does a closed gate build no graph
+  at all.
 
 Computed in (at least) float32 with autocast off: at γ = 30 an fp16 cosine (error ~1e-3) would move the
 exponents by ~0.03. RBR, the paper's other trick, is a backbone option (``backbone.rbr``, see
@@ -48,6 +66,8 @@ from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
 if TYPE_CHECKING:
     from reidreg.training.module import ReIDModule
 
+FEATURES = ("bn", "embedding")
+
 
 def stop_gradient_softmax_loss(
     features: torch.Tensor, class_weights: torch.Tensor, labels: torch.Tensor, *, gamma: float
@@ -61,8 +81,9 @@ def stop_gradient_softmax_loss(
         x = F.normalize(features.to(dtype), dim=1)
         proxies = F.normalize(class_weights.detach().to(dtype), dim=1)
         cosines = x @ proxies.t()  # (B, C)
-        is_target = F.one_hot(labels, num_classes=cosines.shape[1]).bool()
-        positive = cosines[is_target]  # s_p, (B,)
+        # gather and a comparison, not a boolean mask: no data-dependent shape (a device sync on CUDA).
+        positive = cosines.gather(1, labels[:, None]).squeeze(1)  # s_p, (B,)
+        is_target = labels[:, None] == torch.arange(cosines.shape[1], device=labels.device)
         # s_n = LSE^γ over j ≠ y: exp(−inf) = 0 drops the target class from the sum.
         negative = torch.logsumexp(gamma * cosines.masked_fill(is_target, float("-inf")), dim=1) / gamma
         return F.softplus(negative - positive).mean()
@@ -73,14 +94,18 @@ class SGSL(Regularizer):
 
     Args:
         gamma: γ of LSE^γ, the sharpness of the soft maximum over negative proxies (paper: 30).
-        beta: weight of each module's L_SGSL in the total loss (paper Table 6: 1.0).
+        beta: weight of *each* module's L_SGSL in the total loss (paper Table 6: 1.0, for its one head;
+            with the three modules of AdaptiveReID that is three terms of weight β, see ``heads``).
         ce_gate: add a module's SGSL only in batches whose label-smoothed CE of that module is ≤ this
             (official code: 3.0); ``None`` = always add.
-        heads: objective modules to regularize (e.g. ``["global"]``); ``None`` = all of them.
+        heads: objective modules to regularize (e.g. ``["global"]``, the paper's single term); ``None`` =
+            all of them (global + stripes).
+        feature: ``bn`` — the module's BN output, the paper's BNNeck placement; ``embedding`` — the
+            clipped pre-BN embedding that retrieval uses (see the module docstring).
 
     Loss terms (logged as ``reg/<name>/...``): ``<head>/sgsl`` = what is added, β·L_SGSL or 0 while the
     gate is closed. Also logged every step: ``<head>/l_sgsl`` = eq. 6's value (unweighted, computed
-    even while the gate is closed, without a graph) and ``<head>/gate_open`` (1/0).
+    even while the gate is closed, with no gradient reaching the feature) and ``<head>/gate_open`` (1/0).
     """
 
     def __init__(
@@ -90,11 +115,14 @@ class SGSL(Regularizer):
         beta: float = 1.0,
         ce_gate: float | None = 3.0,
         heads: Sequence[str] | None = None,
+        feature: str = "bn",
     ) -> None:
         super().__init__()
         if gamma <= 0:
             raise ConfigError(f"regularizer.sgsl.gamma must be > 0, got {gamma}")
-        self.gamma, self.beta, self.ce_gate = float(gamma), float(beta), ce_gate
+        if feature not in FEATURES:
+            raise ConfigError(f"regularizer.sgsl.feature must be one of {FEATURES}, got {feature!r}")
+        self.gamma, self.beta, self.ce_gate, self.feature = float(gamma), float(beta), ce_gate, feature
         self.heads = tuple(heads) if heads is not None else None
         # Diagnostics of the current step: loss_terms' values are all added to the loss, so values that
         # must only be logged wait for the next hook that returns logs (on_before_optimizer_step).
@@ -108,25 +136,37 @@ class SGSL(Regularizer):
                 f"regularizer.{self.name}.heads: unknown objective modules {unknown}; available: {available}"
             )
 
-    def gate_open(self, step: TrainStep, head: str) -> bool:
-        """Official code: SGSL joins this batch's loss unless the head's smoothed CE exceeds the gate."""
-        return self.ce_gate is None or step.task_losses[f"{head}/ce"].item() <= self.ce_gate
+    def gate_open(self, step: TrainStep, head: str) -> torch.Tensor | None:
+        """Official code: SGSL joins this batch's loss unless the head's smoothed CE exceeds the gate.
+
+        A 0-dim bool tensor on the CE's device (read by no one on the host); ``None`` = no gate.
+        """
+        return None if self.ce_gate is None else step.task_losses[f"{head}/ce"].detach() <= self.ce_gate
+
+    @staticmethod
+    def closed_on_host(is_open: torch.Tensor | None) -> bool:
+        """The gate is known to be closed without a device synchronisation: its CE lives on the CPU."""
+        return is_open is not None and is_open.device.type == "cpu" and not is_open.item()
 
     def loss_terms(self, step: TrainStep) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         for head in self.heads or tuple(step.outputs):
             is_open = self.gate_open(step, head)
-            # A closed gate builds no graph at all: the logged value can carry no gradient.
-            with torch.set_grad_enabled(is_open and torch.is_grad_enabled()):
+            output = step.outputs[head]
+            features = output.bn_feature if self.feature == "bn" else output.embedding
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.closed_on_host(is_open)):
+                if is_open is not None:  # a closed gate passes no gradient at all (not 0·NaN)
+                    features = torch.where(is_open, features, features.detach())
                 value = stop_gradient_softmax_loss(
-                    step.outputs[head].bn_feature,
+                    features,
                     step.model.objective_modules[head].classifier.weight,
                     step.labels,
                     gamma=self.gamma,
                 )
-            terms[f"{head}/sgsl"] = self.beta * value if is_open else value.new_zeros(())
+            term = self.beta * value
+            terms[f"{head}/sgsl"] = term if is_open is None else torch.where(is_open, term, 0.0)
             self._pending_logs[f"{head}/l_sgsl"] = value.detach()
-            self._pending_logs[f"{head}/gate_open"] = float(is_open)
+            self._pending_logs[f"{head}/gate_open"] = 1.0 if is_open is None else is_open.float()
         return terms
 
     def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
@@ -134,5 +174,8 @@ class SGSL(Regularizer):
         return logs
 
     def extra_repr(self) -> str:
-        options = f"gamma={self.gamma}, beta={self.beta}, ce_gate={self.ce_gate}, heads={self.heads}"
+        options = (
+            f"gamma={self.gamma}, beta={self.beta}, ce_gate={self.ce_gate}, heads={self.heads}, "
+            f"feature={self.feature}"
+        )
         return f"{super().extra_repr()}, {options}"
