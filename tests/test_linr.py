@@ -412,7 +412,7 @@ def test_resuming_a_refinement_run_ends_with_the_same_weights(tmp_path, tiny_con
         return checkpoint["state_dict"]
 
     uninterrupted = run("a", "trainer.max_epochs=8")
-    interrupted = run("b", "trainer.max_epochs=2")  # stops in the middle of the refinement
+    interrupted = run("b", "trainer.max_epochs=8", "+trainer.max_steps=12")  # stops mid-refinement
     resumed = run("c", "trainer.max_epochs=8", f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}")
     assert int(interrupted["regularizers.linr.steps_done"]) == 6
     assert (

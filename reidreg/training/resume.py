@@ -49,6 +49,8 @@ OPERATIONAL = (
     "trainer.num_nodes",
     "trainer.strategy",
     "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.max_time",
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
     "trainer.default_root_dir",
@@ -154,6 +156,8 @@ def resumed_config(
             conflicts.append(key)
         elif value is not MISSING:
             result[key] = value
+        elif overrides is None:  # the given config is the whole request: an option it lacks is unset
+            result.pop(key, None)
     if conflicts:
         raise ConfigError(conflict_message(cfg.get("ckpt_path"), conflicts, requested, stored))
     # Options that did not exist when the checkpoint was made take their requested (default) values.
