@@ -42,18 +42,23 @@ class RunInterrupted(RunStopped):
 _WORKER_ERROR = re.compile(r"\ACaught (\w+) in [^\n]*\.\nOriginal ")
 
 
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line, as the command line shows it.
+def message_of(error: BaseException) -> str:
+    """The message of ``error`` as the user should read it.
 
     For an error re-raised from a DataLoader worker, that is the original message (the text after the last
-    ``<Type>: `` header of the worker's traceback), not the whole traceback; otherwise ``str(error)``.
-    Lines of a multi-line message are joined with spaces.
+    ``<Type>: `` header of the worker's traceback), not the whole traceback; otherwise ``str(error)``
+    (which may list several problems, one per line).
     """
-    text = str(error)
+    text = str(error).strip()
     wrapped = _WORKER_ERROR.match(text)
     if wrapped:
         name = wrapped.group(1)
         headers = list(re.finditer(rf"^(?:[\w.]+\.)?{name}(?:: |$)", text[wrapped.end() :], re.M))
         if headers:
             text = text[wrapped.end() + headers[-1].end() :].strip() or name
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text
+
+
+def one_line(error: BaseException) -> str:
+    """``message_of(error)`` on one line (a multi-line message's lines joined with spaces): for run.json."""
+    return " ".join(line.strip() for line in message_of(error).splitlines() if line.strip())

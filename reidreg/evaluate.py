@@ -26,6 +26,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
 
     The work is in ``reidreg.evaluation.checkpoint_eval`` (torch and the model load only from here on).
     """
+    from reidreg.validation import validate_before_work
+
+    validate_before_work(cfg, "evaluate")
     from reidreg.evaluation.checkpoint_eval import evaluate_checkpoint as run
 
     return run(cfg)

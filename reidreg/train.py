@@ -30,9 +30,9 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] | None = None) -> dict[st
     (``ckpt_path``) applies only those that keep the checkpoint's experiment; without them (a config built
     in Python) the whole config must match the checkpoint's experiment.
     """
-    from reidreg.validation import validate_train_config
+    from reidreg.validation import validate_before_work
 
-    validate_train_config(cfg)
+    validate_before_work(cfg, "train")  # every option and folder, before any work (no torch yet)
     from reidreg.training.run import run_training  # torch, Lightning, timm
 
     return run_training(cfg, overrides, compose=_compose_flat if overrides is not None else None)

@@ -20,14 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from reidreg.data import DatasetError
 from reidreg.deploy.image_list import ImageList
+from reidreg.errors import one_line
 from reidreg.models.reid_model import ReIDModel
 
 OnError = Literal["fail", "skip"]
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 class ImageFiles(Dataset):
@@ -52,7 +48,7 @@ class ImageFiles(Dataset):
             with Image.open(self.paths[index]) as image:
                 return self.transform(image.convert("RGB")), ""
         except Exception as error:  # whatever PIL raises for a broken file, reported by the main process
-            return torch.zeros(self.shape), _one_line(error)
+            return torch.zeros(self.shape), one_line(error)
 
 
 def unreadable_image_error(path: Path, reason: str) -> DatasetError:

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
-from reidreg.errors import ReIDRegError, one_line
+from reidreg.errors import ReIDRegError, message_of
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
     try:
         return task(cfg, **kwargs)
     except (ReIDRegError, OmegaConfBaseException) as error:
-        message = one_line(error)
+        message = message_of(error)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("error: %s", message)
             raise
