@@ -18,8 +18,8 @@ On a CUDA GPU:
 * fused Adam/AdamW (one kernel for all parameters) — not under a GradScaler (``16-mixed``): Lightning
   then leaves unscaling to the fused step, after ``on_before_optimizer_step``, where regularizers act on
   gradients that must be unscaled (``Regularizer.on_before_optimizer_step``).
-* ``model.compile=true`` (off by default): ``torch.compile`` of the network, stage by stage (see
-  ``compile_network``), so that forward hooks on stages (SGP) stay in eager code.
+* ``model.compile=true`` (off by default): ``torch.compile`` of the network's forward as one graph (see
+  ``compile_network``; refused with forward hooks on the network, i.e. SGP's feature-map sites).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def resolve_device_settings(
 def prepare_network(model: nn.Module, settings: DeviceSettings) -> nn.Module:
     """Channels-last parameters on CUDA and, with ``compile``, ``compile_network``; returns ``model``.
 
-    Call it once the network and the regularizers are built and before the optimizers are: the parameters
+    Call it once the network and the regularizers are built (``attach`` registers hooks) and before the
+    optimizers are: the parameters
     stay the same ``nn.Parameter`` objects (only their memory layout changes), so hooks and regularizers
     that hold them are unaffected, and checkpoints hold the same values."""
     if settings.channels_last:
@@ -131,34 +132,26 @@ def to_channels_last(images: torch.Tensor, settings: DeviceSettings) -> torch.Te
     return images
 
 
-def compile_network(model: nn.Module, **compile_options: Any) -> list[str]:
-    """``torch.compile`` the forward of each heavy part of a ``ReIDModel``; returns their names.
+def compile_network(model: nn.Module, **compile_options: Any) -> None:
+    """``torch.compile`` the network's ``forward`` as one graph (``model.compile=true``).
 
-    Compiled part by part — backbone blocks 1–5, the regional block 5, each stripe branch, the global
-    objective module — by replacing each part's ``forward`` (not its ``__call__``), so that:
+    The instance's ``forward`` is replaced (not its ``__call__``), so every way the module runs the
+    network goes through the compiled graph: ``model(images)``, ``embed``/``extract_features`` (eval mode,
+    no grad, flipped images), LinR's no-grad and mixed forwards, an attack's input gradients. Dynamo
+    recompiles once per mode (train/eval, grad/no-grad, frozen backbone); parameter names, and thus
+    checkpoints, are unchanged.
 
-    * forward hooks registered *on* these parts (SGP's sites are exactly blocks 1–5 and the regional
-      block 5) run in eager mode on the compiled part's output, and may register tensor hooks on it;
-    * every way the module calls the network — ``model(images)``, ``extract_features`` (eval mode, no
-      grad, flipped images), LinR's no-grad and mixed forwards, an attack's input gradients — goes through
-      the same compiled parts (dynamo recompiles once per mode: train/eval, grad/no-grad, frozen backbone);
-    * parameter names, and thus checkpoints, are unchanged.
+    Not with forward hooks on the network (SGP's ``sites``): a hook that registers a gradient hook on an
+    intermediate tensor breaks the graph and its per-step on/off state becomes a recompilation guard, so
+    this is refused rather than left to silently run slower or differently.
     """
-    parts: dict[str, nn.Module] = {}
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None and hasattr(backbone, "blocks"):
-        parts.update({f"backbone.block{i + 1}": block for i, block in enumerate(backbone.blocks)})
-    if getattr(model, "regional_block5", None) is not None:
-        parts["regional_block5"] = model.regional_block5
-    for index, stripe in enumerate(getattr(model, "stripes", [])):
-        parts[f"stripes.{index}"] = stripe
-    if getattr(model, "global_head", None) is not None:
-        parts["global_head"] = model.global_head
-    if not parts:
-        raise ConfigError(f"model.compile=true needs a ReIDModel, got {type(model).__name__}")
-    for part in parts.values():
-        part.forward = torch.compile(part.forward, **compile_options)
-    return list(parts)
+    hooked = [name or "model" for name, module in model.named_modules() if module._forward_hooks]
+    if hooked:
+        raise ConfigError(
+            f"model.compile=true does not support forward hooks on the network (found on {hooked}, e.g. "
+            "regularizer.sgp.sites); set model.compile=false or use SGP with sites=[] param_grads=true"
+        )
+    model.forward = torch.compile(model.forward, **compile_options)
 
 
 def with_fused_adam(
