@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+RUN_DIR = Path(tempfile.mkdtemp(prefix="train_throughput_"))  # build_module's run_dir; nothing is kept
 
 # Presets and their sizes: (experiment, full-size H×W, --small H×W).
 PRESETS = {
@@ -154,7 +155,8 @@ def compose(*overrides: str):
 
     register_resolvers()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
+        # paths.output_dir comes from Hydra's run directory, which a composed (not launched) config lacks.
+        return hydra_compose("train", overrides=[f"paths.output_dir={RUN_DIR}", *overrides])
 
 
 def preset_overrides(preset: str, args: argparse.Namespace) -> list[str]:
@@ -388,7 +390,6 @@ def module_section(args: argparse.Namespace, device: torch.device) -> str:
             self.ms.append((time.perf_counter() - self.start) * 1e3)
 
     output = ""
-    run_dir = Path(tempfile.mkdtemp(prefix="train_throughput_"))
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     for preset in split(args.presets):
         for precision in split(args.precisions):
@@ -403,7 +404,7 @@ def module_section(args: argparse.Namespace, device: torch.device) -> str:
                     spec = AugmentSpec(height=cfg.data.height, width=cfg.data.width)
                     data = InMemoryBatches(spec, batch, count=args.steps + 1)  # one epoch per fit
                 torch.manual_seed(0)
-                module = build_module(cfg, args.num_classes, run_dir)
+                module = build_module(cfg, args.num_classes, RUN_DIR)
                 prepare_network(module.model, settings)
                 module.optimizer_factory = with_fused_adam(module.optimizer_factory, settings)
                 module.on_train_end = lambda: None  # final reports are not part of a step

@@ -75,8 +75,11 @@ def test_per_image_path_equals_batch_path_exactly(options: dict) -> None:
     per_image = torch.stack([transform(image, seed) for image, seed in zip(images, seeds, strict=True)])
     batch = torch.stack([resize_to_uint8(image, H, W) for image in images])
     batched = BatchAugment(spec)(batch, draw_batch_params(seeds, spec))
-    assert torch.equal(per_image, batched)
-    assert batched.dtype == torch.float32 and batched.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(per_image, batched) and batched.dtype == torch.float32
+    channels_last = BatchAugment(spec, channels_last=True)(batch, draw_batch_params(seeds, spec))
+    assert torch.equal(channels_last, batched) and channels_last.is_contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 def test_all_augmentations_off_is_the_test_transform() -> None:

@@ -39,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -182,7 +183,7 @@ def draw_batch_params(seeds: Sequence[int], spec: AugmentSpec) -> Tensor:
 def normalize_uint8(pixels: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 pixels → ``(x / 255 − mean) / std`` in float32, the operations of torchvision's ToTensor and
     Normalize in their order, so the result is bit-identical to them. ``mean``/``std``: (C, 1, 1)."""
-    return pixels.to(torch.float32).div(255).sub(mean).div(std)
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def _hash32(x: Tensor) -> Tensor:
@@ -213,7 +214,9 @@ def erasing_noise(seeds: Tensor, rows: Tensor, cols: Tensor, channels: int) -> T
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
-def apply_erasing(images: Tensor, rects: Tensor, noise_seeds: Tensor, fill: Tensor | None) -> Tensor:
+def apply_erasing(
+    images: Tensor, rects: Tensor, noise_seeds: Tensor, fill: Tensor | None, *, in_place: bool = False
+) -> Tensor:
     """Fill each image's rectangle ``rects[b] = (top, left, h, w)`` (h = 0: none) of a float (B, C, H, W)
     batch with ``fill`` ((C, 1, 1), normalised) or, if ``fill`` is None, with ``erasing_noise``."""
     batch, channels, height, width = images.shape
@@ -224,7 +227,7 @@ def apply_erasing(images: Tensor, rects: Tensor, noise_seeds: Tensor, fill: Tens
     mask = (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)  # (B, 1, H, W)
     if fill is None:
         fill = erasing_noise(noise_seeds, rows.clamp_min(0), cols.clamp_min(0), channels).to(images.dtype)
-    return torch.where(mask, fill, images)
+    return torch.where(mask, fill, images, out=images) if in_place else torch.where(mask, fill, images)
 
 
 @dataclass(frozen=True)
@@ -244,55 +247,61 @@ class Constants:
 
 
 def augment_batch(
-    images: Tensor, params: Tensor, spec: AugmentSpec, constants: Constants | None = None
+    images: Tensor,
+    params: Tensor,
+    spec: AugmentSpec,
+    constants: Constants | None = None,
+    *,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Tensor:
     """Augment a uint8 batch (B, C, H, W) with per-sample ``params`` (B, NUM_PARAMS) → normalised float32.
 
-    Flip, then zero padding and crop, as one gather: output pixel (y, x) is the input pixel
-    (y + shift_y, x + shift_x) of the flipped image, or 0 outside it. Then normalisation, then erasing.
-    The result has channels-last strides (the layout convolutions prefer on GPUs); its values do not
-    depend on the layout.
+    Flip, then zero padding and crop, as one gather from the zero-padded batch: output pixel (y, x) is
+    pixel (y + shift_y, x + shift_x) of the flipped, padded image. Then normalisation, then erasing, all
+    in the contiguous layout (on a CPU, broadcasting over a channels-last layout is several times slower);
+    ``memory_format=torch.channels_last`` converts the result at the end (what GPUs convolve in).
+    ``params`` must come from ``draw_augment_params`` with the same ``spec``.
     """
     batch, channels, height, width = images.shape
     if (height, width) != (spec.height, spec.width):
         raise ValueError(f"images are {height}x{width}, the augmentation expects {spec.height}x{spec.width}")
     device = images.device
     constants = constants or Constants.build(spec, device)
+    # Parameters still on the host (the per-image path): skip erasing when no sample erases. On a GPU
+    # that test would wait for the device, so the (cheap) vectorised erasing always runs there.
+    erase = spec.random_erasing and (params.device.type != "cpu" or bool(params[:, ERASE_HEIGHT].any()))
     params = params.to(device, non_blocking=True)
-    src_rows = torch.arange(height, device=device) + params[:, SHIFT_Y : SHIFT_Y + 1]  # (B, H)
-    src_cols = torch.arange(width, device=device) + params[:, SHIFT_X : SHIFT_X + 1]  # (B, W), flipped image
-    src_cols = torch.where(params[:, FLIP : FLIP + 1] == 1, width - 1 - src_cols, src_cols)
-    inside = ((src_rows >= 0) & (src_rows < height))[:, :, None] & ((src_cols >= 0) & (src_cols < width))[
-        :, None, :
-    ]
-    gathered = images[
-        torch.arange(batch, device=device)[:, None, None],
-        :,
-        src_rows.clamp(0, height - 1)[:, :, None],
-        src_cols.clamp(0, width - 1)[:, None, :],
-    ]  # (B, H, W, C): advanced indices first
-    pixels = torch.where(inside[..., None], gathered, 0).permute(0, 3, 1, 2)
+    pad = spec.padding if spec.pad_crop else 0
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    padded_width = width + 2 * pad
+    rows = torch.arange(height, device=device) + params[:, SHIFT_Y : SHIFT_Y + 1] + pad  # (B, H)
+    cols = torch.arange(width, device=device) + params[:, SHIFT_X : SHIFT_X + 1]  # (B, W), flipped image
+    cols = torch.where(params[:, FLIP : FLIP + 1] == 1, width - 1 - cols, cols) + pad
+    flat_index = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
+    pixels = torch.gather(
+        padded.reshape(batch, channels, -1), 2, flat_index.expand(batch, channels, height * width)
+    ).view(batch, channels, height, width)
     out = normalize_uint8(pixels, constants.mean, constants.std)
-    if spec.random_erasing:
-        out = apply_erasing(
-            out, params[:, ERASE_TOP : ERASE_WIDTH + 1], params[:, NOISE_SEED], constants.fill
-        )
-    return out.contiguous(memory_format=torch.channels_last)  # a no-op unless erasing changed the layout
+    if erase:
+        rects = params[:, ERASE_TOP : ERASE_WIDTH + 1]
+        out = apply_erasing(out, rects, params[:, NOISE_SEED], constants.fill, in_place=True)
+    return out.contiguous(memory_format=memory_format)
 
 
 class BatchAugment:
     """``augment_batch`` with its per-device constants cached: what the GPU pipeline calls after the
-    batch transfer (``(uint8 images, params) → float images``)."""
+    batch transfer (``(uint8 images, params) → float images``), channels-last by default there."""
 
-    def __init__(self, spec: AugmentSpec) -> None:
+    def __init__(self, spec: AugmentSpec, *, channels_last: bool = False) -> None:
         self.spec = spec
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._constants: dict[torch.device, Constants] = {}
 
     def __call__(self, images: Tensor, params: Tensor) -> Tensor:
         constants = self._constants.get(images.device)
         if constants is None:
             constants = self._constants[images.device] = Constants.build(self.spec, images.device)
-        return augment_batch(images, params, self.spec, constants)
+        return augment_batch(images, params, self.spec, constants, memory_format=self.memory_format)
 
     def __repr__(self) -> str:
-        return f"BatchAugment({self.spec})"
+        return f"BatchAugment({self.spec}, memory_format={self.memory_format})"

@@ -56,8 +56,10 @@ def resize_to_uint8(image: Image.Image, height: int, width: int) -> Tensor:
 
     ReID crops are stretched, not aspect-preserved. Identical to torchvision's ``Resize((H, W))`` +
     ``PILToTensor`` on a PIL image."""
-    resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    resized = np.array(image.resize((width, height), Image.BILINEAR))  # writable, as torch wants
+    return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
 
 
 def _seed_from_torch() -> int:
