@@ -15,6 +15,7 @@ Three sections, each printed as a table (img/s, ms/step, peak GPU memory, ratio 
     decode + resize + augment per image in N workers) against the cached path (``ImageCache`` +
     ``CachedTrainImages`` in N workers + ``BatchAugment`` on the device), both including the copy to the
     device. The cache's build time is printed too.
+(b2) ``augment``: the same two paths in this one process, without workers (per-image work vs batch work).
 (c) ``module``: full reidreg training steps — ``ReIDModule`` built by ``reidreg.train.build_module`` from
     the composed config of ``experiment=<preset>``, driven by a ``pl.Trainer`` (``max_steps``) on
     in-memory uint8 batches augmented on the device as the GPU pipeline does — for presets × precisions
@@ -42,7 +43,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
     parser.add_argument("--small", action="store_true", help="CPU sizes: test_resnet, small images, batch 16")
-    parser.add_argument("--sections", default="network,loader,module")
+    parser.add_argument("--sections", default="network,loader,augment,module")
     parser.add_argument("--presets", default="bot_r50,adaptivereid")
     parser.add_argument(
         "--variants",
@@ -80,6 +80,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=751, help="identities (Market-1501: 751)")
     parser.add_argument("--data-dir", default="data", help="where the synthetic set is (generated if absent)")
     parser.add_argument("--out", help="also write the tables to this Markdown file")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (1 on a shared CPU: spinning threads on busy cores)",
+    )
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     args.small = args.small or not gpu
@@ -344,6 +349,63 @@ def fetcher(batches: Iterator, augment: Callable | None, device: torch.device) -
     return fetch
 
 
+def augment_section(args: argparse.Namespace, device: torch.device) -> str:
+    """Both paths in this process, on this device (a CPU: one core's work per image with ``--threads 1``):
+    the per-image path (``read_image`` + ``TrainTransform(image, seed)``) against the cached path (index
+    the cache + draw the parameters + ``augment_batch`` on the whole batch)."""
+    from reidreg.data.datamodule import read_image
+    from reidreg.data.image_cache import ImageCache
+    from reidreg.utils.config import instantiate
+
+    output = ""
+    for preset in split(args.presets):
+        experiment, (height, width), _ = PRESETS[preset]
+        cfg = compose(f"experiment={experiment}", "dataset=synthetic", f"paths.data_dir={args.data_dir}")
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        paths = [path for path, _, _ in datamodule.train_samples]
+        batch = cfg.data.num_identities * cfg.data.num_instances
+        cache = ImageCache.build(paths, height=height, width=width, read=read_image)
+        rows = augment_rows(paths, cache, batch, args, device)
+        threads = torch.get_num_threads()
+        title = f"(b2) augmentation in one process — {height}×{width}, batch {batch}, {threads} thread(s)"
+        output += render(f"{title}, {device}", rows) + "\n"
+    return output
+
+
+def augment_rows(
+    paths: list[str], cache, batch: int, args: argparse.Namespace, device: torch.device
+) -> list[Row]:
+    from reidreg.data.batch_augment import AugmentSpec, BatchAugment, draw_batch_params
+    from reidreg.data.datamodule import read_image
+    from reidreg.data.transforms import TrainTransform
+
+    _, height, width = cache.images.shape[1:]
+    spec = AugmentSpec(height=height, width=width)
+    transform, augment = TrainTransform(spec), BatchAugment(spec)
+    cursor = iter(range(10**9))
+
+    def per_image() -> None:
+        first = next(cursor) * batch
+        for position in range(first, first + batch):
+            transform(read_image(paths[position % len(paths)]), position)
+
+    def cached() -> None:
+        first = next(cursor) * batch
+        images = cache.images[torch.arange(first, first + batch) % len(paths)]
+        augment(images.to(device), draw_batch_params(range(first, first + batch), spec))
+
+    rows = [
+        Row("per-image path: decode + resize + augment, one image at a time", batch),
+        Row(f"cached: index + draw params + batch augment on {device}", batch),
+    ]
+    for _ in range(args.rounds):
+        for row, fetch in zip(rows, (per_image, cached), strict=True):
+            row.ms_per_step.append(timed(fetch, args.steps, device))
+    return rows
+
+
 # ----------------------------------------------------------------------------- (c) full module steps
 def module_section(args: argparse.Namespace, device: torch.device) -> str:
     import pytorch_lightning as pl
@@ -449,8 +511,9 @@ def module_section(args: argparse.Namespace, device: torch.device) -> str:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
-    np.set_printoptions(precision=3)
     header = (
         f"train_throughput: device={device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -458,7 +521,12 @@ def main() -> None:
         f"rounds={args.rounds}, steps/round={args.steps}, small={args.small}\n"
     )
     print(header, flush=True)
-    sections = {"network": network_section, "loader": loader_section, "module": module_section}
+    sections = {
+        "network": network_section,
+        "loader": loader_section,
+        "augment": augment_section,
+        "module": module_section,
+    }
     text = header + "\n"
     for name in split(args.sections):
         table = sections[name](args, device)

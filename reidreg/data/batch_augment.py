@@ -290,7 +290,7 @@ def augment_batch(
 
 class BatchAugment:
     """``augment_batch`` with its per-device constants cached: what the GPU pipeline calls after the
-    batch transfer (``(uint8 images, params) → float images``), channels-last by default there."""
+    batch transfer (``(uint8 images, params) → float images``), there with ``channels_last=True``."""
 
     def __init__(self, spec: AugmentSpec, *, channels_last: bool = False) -> None:
         self.spec = spec
