@@ -5,42 +5,112 @@ to H×W → to tensor in [0, 1] → ImageNet normalisation → random erasing (p
 aspect ratio h/w in [0.3, 1/0.3]). Test: resize → to tensor → normalisation. Each train augmentation can be
 switched off; with all three off the train transform gives exactly the test transform's output.
 
-Built on torchvision.transforms (v1) with PIL input. Random erasing is our own implementation of Zhong et al.
-(arXiv 1708.04896) as the AdaptiveReID code uses it, rather than torchvision's ``RandomErasing``, which
-samples the aspect ratio log-uniformly and gives up after 10 attempts (Zhong: uniform, 100 attempts).
-
-Erased-pixel fill (``erasing_value``): ``"mean"`` (default) fills with the ImageNet mean pixel, i.e. 0 after
-normalisation, as fast-reid does; ``"random"`` fills with N(0, 1) noise in normalised space (Zhong's random
-variant, torchvision's ``value="random"``); a per-channel tuple of pixel values in [0, 1] fills with that
-colour. The AdaptiveReID code fills with (0.4914, 0.4822, 0.4465) (the CIFAR-10 mean from Zhong's code);
-pass that tuple to reproduce it exactly.
+The resize is PIL's bilinear (antialiased) resize, as torchvision's ``Resize`` on a PIL image; the image
+cache (``reidreg.data.image_cache``) stores exactly its output. Everything after the resize is
+``reidreg.data.batch_augment``: the sample's parameters are drawn from its seed by
+``draw_augment_params`` and applied by ``augment_batch`` on a batch of one. The GPU pipeline applies the
+same function to whole batches, so both paths give the same images for the same seeds; see that module
+for the details of random erasing (Zhong et al., uniform area and aspect, 100 attempts) and its fill.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import transforms as T
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from reidreg.data.batch_augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentSpec,
+    Constants,
+    ErasingValue,
+    apply_erasing,
+    augment_batch,
+    draw_augment_params,
+    draw_erasing_rect,
+    normalize_uint8,
+)
 
-ErasingValue = Literal["mean", "random"] | Sequence[float]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RandomErasing",
+    "TestTransform",
+    "TrainTransform",
+    "build_test_transform",
+    "build_train_transform",
+    "denormalize",
+    "resize_to_uint8",
+]
+
+# Seeds are drawn in [0, 2**32), the range of the per-sample seeds of ``SeededBatches``.
+SEED_RANGE = 2**32
+
+
+def resize_to_uint8(image: Image.Image, height: int, width: int) -> Tensor:
+    """PIL image → uint8 (3, H, W) tensor, bilinearly resized (PIL, antialiased) to exactly H×W.
+
+    ReID crops are stretched, not aspect-preserved. Identical to torchvision's ``Resize((H, W))`` +
+    ``PILToTensor`` on a PIL image."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    resized = np.array(image.resize((width, height), Image.BILINEAR))  # writable, as torch wants
+    return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+
+
+def _seed_from_torch() -> int:
+    return int(torch.randint(0, SEED_RANGE, (), dtype=torch.int64).item())
+
+
+class TrainTransform:
+    """PIL image (+ its seed) → normalised float32 (3, H, W) tensor with the training augmentations.
+
+    ``transform(image, seed)`` is a pure function of the image and the seed. Without a seed one is drawn
+    from torch's global RNG, as torchvision's random transforms do, so DataLoader workers are seeded as
+    usual."""
+
+    def __init__(self, spec: AugmentSpec) -> None:
+        self.spec = spec
+        self._constants = Constants.build(spec, "cpu")
+
+    def __call__(self, image: Image.Image, seed: int | None = None) -> Tensor:
+        pixels = resize_to_uint8(image, self.spec.height, self.spec.width)
+        params = torch.from_numpy(
+            draw_augment_params(_seed_from_torch() if seed is None else seed, self.spec)
+        )
+        return augment_batch(pixels[None], params[None], self.spec, self._constants)[0].contiguous()
+
+    def __repr__(self) -> str:
+        return f"TrainTransform({self.spec})"
+
+
+class TestTransform:
+    """PIL image → normalised float32 (3, H, W) tensor: resize and normalise only (deterministic)."""
+
+    def __init__(self, height: int, width: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.height, self.width = height, width
+        self._constants = Constants.build(AugmentSpec(height=height, width=width, mean=mean, std=std), "cpu")
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        pixels = resize_to_uint8(image, self.height, self.width)
+        return normalize_uint8(pixels, self._constants.mean, self._constants.std)
+
+    def __repr__(self) -> str:
+        return f"TestTransform(height={self.height}, width={self.width})"
 
 
 class RandomErasing(torch.nn.Module):
-    """Random erasing (Zhong et al., Algorithm 1) on a normalised C×H×W tensor.
+    """Random erasing (Zhong et al., Algorithm 1) alone, on a normalised C×H×W tensor.
 
     With probability ``p``, up to ``max_attempts`` times: draw a target area uniformly in ``area`` × H·W and
     an aspect ratio h/w uniformly in [min_aspect, 1/min_aspect]; the first rectangle that fits is filled with
     ``fill`` (a per-channel tensor in normalised space, or ``None`` for N(0, 1) noise). If none fits, the
-    image is returned unchanged. Uses torch's global RNG, like torchvision's transforms, so DataLoader
-    workers are seeded as usual.
+    image is returned unchanged. The draw and the fill are those of the training transform
+    (``reidreg.data.batch_augment``); the seed comes from torch's global RNG.
     """
 
     def __init__(
@@ -53,69 +123,31 @@ class RandomErasing(torch.nn.Module):
         max_attempts: int = 100,
     ) -> None:
         super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"random_erasing_prob must be in [0, 1], got {p}")
-        if not 0.0 < area[0] <= area[1] <= 1.0:
-            raise ValueError(f"erasing_area must satisfy 0 < low <= high <= 1, got {area}")
-        if not 0.0 < min_aspect <= 1.0:
-            raise ValueError(f"erasing_min_aspect must be in (0, 1], got {min_aspect}")
-        self.p = p
-        self.area = area
-        self.min_aspect = min_aspect
-        self.fill = fill
-        self.max_attempts = max_attempts
+        # Validation (ValueError naming the option) by the spec of the full augmentation.
+        AugmentSpec(
+            random_erasing_prob=p,
+            erasing_area=area,
+            erasing_min_aspect=min_aspect,
+            erasing_attempts=max_attempts,
+        )
+        self.p, self.area, self.min_aspect = p, tuple(area), min_aspect
+        self.fill, self.max_attempts = fill, max_attempts
 
     def forward(self, img: Tensor) -> Tensor:
-        if torch.rand(()).item() >= self.p:
+        rng = np.random.default_rng(_seed_from_torch())
+        if rng.random() >= self.p:
             return img
-        channels, height, width = img.shape
-        for _ in range(self.max_attempts):
-            target_area = _uniform(*self.area) * height * width
-            aspect = _uniform(self.min_aspect, 1.0 / self.min_aspect)
-            h = round(math.sqrt(target_area * aspect))
-            w = round(math.sqrt(target_area / aspect))
-            # Strictly smaller than the image, as in Zhong's code.
-            if 0 < h < height and 0 < w < width:
-                top = int(torch.randint(0, height - h + 1, ()).item())
-                left = int(torch.randint(0, width - w + 1, ()).item())
-                img = img.clone()
-                if self.fill is None:
-                    patch = torch.randn(channels, h, w, dtype=img.dtype)
-                else:
-                    patch = self.fill.to(img).view(-1, 1, 1)
-                img[:, top : top + h, left : left + w] = patch
-                return img
-        return img
+        _, height, width = img.shape
+        rect = draw_erasing_rect(
+            rng, height, width, area=self.area, min_aspect=self.min_aspect, attempts=self.max_attempts
+        )
+        fill = None if self.fill is None else self.fill.to(img).view(-1, 1, 1)
+        noise_seed = torch.tensor([int(rng.integers(0, 2**31))])
+        return apply_erasing(img[None], torch.tensor([rect]), noise_seed, fill)[0]
 
     def extra_repr(self) -> str:
         fill = "random" if self.fill is None else [round(v, 4) for v in self.fill.tolist()]
         return f"p={self.p}, area={self.area}, min_aspect={self.min_aspect}, fill={fill}"
-
-
-def _uniform(low: float, high: float) -> float:
-    return low + (high - low) * torch.rand(()).item()
-
-
-def _erasing_fill(value: ErasingValue, mean: Sequence[float], std: Sequence[float]) -> Tensor | None:
-    """Per-channel fill in normalised space (``None`` = random noise) for a pixel-space ``erasing_value``."""
-    if isinstance(value, str):
-        if value == "random":
-            return None
-        if value != "mean":
-            raise ValueError(
-                f"erasing_value must be 'mean', 'random' or per-channel pixel values, got {value!r}"
-            )
-        value = mean
-    if len(value) != len(mean):
-        raise ValueError(f"erasing_value needs {len(mean)} per-channel values, got {len(value)}")
-    # float() per element: the values may come from a config as an OmegaConf ListConfig.
-    pixel, mean_t, std_t = (torch.tensor([float(v) for v in seq]) for seq in (value, mean, std))
-    return (pixel - mean_t) / std_t
-
-
-def _resize(height: int, width: int) -> T.Resize:
-    # Bilinear (PIL, antialiased) to exactly H×W: ReID crops are stretched, not aspect-preserved.
-    return T.Resize((height, width), interpolation=T.InterpolationMode.BILINEAR)
 
 
 def build_train_transform(
@@ -133,26 +165,25 @@ def build_train_transform(
     hflip: bool = True,
     pad_crop: bool = True,
     random_erasing: bool = True,
-) -> Callable[[Image.Image], Tensor]:
-    """PIL image → normalised float32 C×H×W tensor with the training augmentations (module docstring)."""
-    steps: list[Callable] = [_resize(height, width)]
-    if hflip:
-        steps.append(T.RandomHorizontalFlip(flip_prob))
-    if pad_crop:
-        # Zero-pad every side, then crop a random H×W window: a translation by up to ±padding pixels.
-        steps.append(T.RandomCrop((height, width), padding=padding, fill=0, padding_mode="constant"))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    if random_erasing:
-        # After normalisation, so the fill is defined in the space the network sees.
-        steps.append(
-            RandomErasing(
-                p=random_erasing_prob,
-                area=tuple(erasing_area),
-                min_aspect=erasing_min_aspect,
-                fill=_erasing_fill(erasing_value, mean, std),
-            )
+) -> Callable[..., Tensor]:
+    """PIL image (+ optional seed) → normalised float32 C×H×W tensor with the training augmentations."""
+    return TrainTransform(
+        AugmentSpec(
+            height=height,
+            width=width,
+            hflip=hflip,
+            flip_prob=flip_prob,
+            pad_crop=pad_crop,
+            padding=padding,
+            random_erasing=random_erasing,
+            random_erasing_prob=random_erasing_prob,
+            erasing_area=erasing_area,
+            erasing_min_aspect=erasing_min_aspect,
+            erasing_value=erasing_value,
+            mean=mean,
+            std=std,
         )
-    return T.Compose(steps)
+    )
 
 
 def build_test_transform(
@@ -163,7 +194,7 @@ def build_test_transform(
     std: Sequence[float] = IMAGENET_STD,
 ) -> Callable[[Image.Image], Tensor]:
     """PIL image → normalised float32 C×H×W tensor: resize and normalise only (deterministic)."""
-    return T.Compose([_resize(height, width), T.ToTensor(), T.Normalize(mean, std)])
+    return TestTransform(height, width, mean, std)
 
 
 def denormalize(
