@@ -24,6 +24,7 @@ restores that order, so the order never changes a result.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,10 +37,23 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reidreg.data import image_check
+from reidreg.data.batch_augment import AugmentSpec, BatchAugment
 from reidreg.data.datasets import DatasetError, ReIDDataset, Sample, build_dataset
+from reidreg.data.image_cache import (
+    CachedTrainImages,
+    CacheTooLargeError,
+    ImageCache,
+    MemoryBudget,
+    cache_nbytes,
+    check_cache_fits,
+    workers_receive_shared_memory,
+)
 from reidreg.data.sampler import PKBatchSampler
-from reidreg.data.transforms import build_test_transform, build_train_transform
+from reidreg.data.transforms import TrainTransform, build_test_transform
 from reidreg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+PIPELINES = ("auto", "cpu", "gpu")
 
 
 def read_image(path: str) -> Image.Image:
@@ -63,11 +77,8 @@ class TrainImages(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key
         path, label, _ = self.samples[index]
-        image = read_image(path)
-        # torchvision's random transforms draw from the global RNG: fork it so the seed stays local.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), label
+        # The augmentation is a pure function of the image and its seed (reidreg.data.batch_augment).
+        return self.transform(read_image(path), seed), label
 
 
 def identity_grouped(query: Sequence[Sample], gallery: Sequence[Sample]) -> list[int]:
@@ -220,13 +231,16 @@ class ReIDDataModule(pl.LightningDataModule):
         val_identities: float = 0.05,
         batch_size_test: int = 128,
         num_workers: int = 2,
+        pipeline: str = "auto",
         seed: int = 0,
         verify_images: bool = True,
     ) -> None:
         super().__init__()
+        if pipeline not in PIPELINES:
+            raise ConfigError(f"data.pipeline must be one of {list(PIPELINES)}, got {pipeline!r}")
         self.dataset_name, self.root = dataset, root
         self.dataset_options = dict(dataset_options or {})
-        self.train_transform = build_train_transform(
+        self.augment_spec = AugmentSpec(
             height=height,
             width=width,
             hflip=hflip,
@@ -235,6 +249,12 @@ class ReIDDataModule(pl.LightningDataModule):
             random_erasing=random_erasing,
             random_erasing_prob=random_erasing_prob,
         )
+        self.train_transform = TrainTransform(self.augment_spec)
+        self.pipeline = pipeline
+        # Set by configure_device (CPU defaults): cached images + batch augmentation on the device?
+        self.use_cache, self.pin_memory, self.channels_last = False, False, False
+        self.image_cache: ImageCache | None = None
+        self.batch_augment: BatchAugment | None = None
         self.test_transform = build_test_transform(height=height, width=width)
         self.num_identities, self.num_instances = num_identities, num_instances
         self.steps_per_epoch, self.skip_small_identities = steps_per_epoch, skip_small_identities
@@ -258,6 +278,36 @@ class ReIDDataModule(pl.LightningDataModule):
             self.train_samples = train
         return self.dataset
 
+    def configure_device(
+        self, *, cuda: bool, pin_memory: bool, channels_last: bool, processes: int = 1
+    ) -> None:
+        """Choose the training pipeline for the device (``data.pipeline``), before any work.
+
+        ``gpu``: images decoded once into an ``ImageCache``, augmented per batch on the device (needs a CUDA
+        GPU and the memory for the cache, else a ``ConfigError``); ``cpu``: per-image decoding and
+        augmentation in the loader workers; ``auto``: ``gpu`` on a CUDA GPU when the cache fits, else
+        ``cpu`` (logged). Both give identical images for the same seeds."""
+        self.pin_memory, self.channels_last = pin_memory, channels_last
+        if self.pipeline == "gpu" and not cuda:
+            raise ConfigError("data.pipeline=gpu needs a CUDA GPU to train on; use data.pipeline=auto or cpu")
+        self.use_cache = self.pipeline == "gpu" or (self.pipeline == "auto" and cuda)
+        if not self.use_cache:
+            return
+        self.load()
+        nbytes = cache_nbytes(len(self.train_samples), self.augment_spec.height, self.augment_spec.width)
+        try:
+            check_cache_fits(
+                nbytes,
+                MemoryBudget.detect(),
+                copies=processes,
+                uses_shared_memory=self.num_workers > 0 and workers_receive_shared_memory(),
+            )
+        except CacheTooLargeError as error:
+            if self.pipeline == "gpu":
+                raise
+            log.warning("data.pipeline=auto: %s Using the per-image CPU pipeline instead.", error)
+            self.use_cache = False
+
     def prepare_data(self) -> None:
         self.load()  # generates the synthetic dataset once, on the main process
 
@@ -272,6 +322,10 @@ class ReIDDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
+        if stage == "fit" and self.use_cache and self.image_cache is None:
+            paths = [path for path, _, _ in self.train_samples]
+            spec = self.augment_spec
+            self.image_cache = ImageCache.build(paths, height=spec.height, width=spec.width, read=read_image)
 
     @property
     def num_classes(self) -> int:
@@ -327,12 +381,30 @@ class ReIDDataModule(pl.LightningDataModule):
         if self.resume_position is not None:
             seeded.start_at(*self.resume_position)
             self.resume_position = None
+        if self.use_cache:
+            labels = [pid for _, pid, _ in self.train_samples]
+            dataset: Dataset = CachedTrainImages(self.image_cache, labels, self.augment_spec)
+            self.batch_augment = BatchAugment(self.augment_spec, channels_last=self.channels_last)
+        else:
+            dataset = TrainImages(self.train_samples, self.train_transform)
         return DataLoader(
-            TrainImages(self.train_samples, self.train_transform),
+            dataset,
             batch_sampler=seeded,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the device: augment the cached path's (uint8 images, labels, params) batches; channels-last."""
+        if self.trainer is not None and self.trainer.training:
+            if self.use_cache:
+                images, labels, params = batch
+                return self.batch_augment(images, params), labels
+            if self.channels_last:
+                images, labels = batch
+                return images.contiguous(memory_format=torch.channels_last), labels
+        return batch
 
     def _eval_loader(self, query: Sequence[Sample], gallery: Sequence[Sample]) -> DataLoader:
         images = EvalImages(query, gallery, self.test_transform)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from reidreg.errors import ConfigError
-from reidreg.models.reid_model import ReIDModel
+from reidreg.models.reid_model import ReIDModel, build_reid_model
 from reidreg.utils.config import instantiate
 
 
@@ -44,7 +44,7 @@ def build_model(run_config: dict[str, Any], weights: dict[str, torch.Tensor]) ->
     """The trained network, rebuilt from its config; its weights come from the checkpoint, not from a file."""
     backbone = instantiate(run_config["backbone"], pretrained=False, weights_file=None)
     num_classes = weights["global_head.classifier.weight"].shape[0]
-    model = instantiate(run_config["model"], backbone=backbone, num_classes=num_classes)
+    model = build_reid_model(run_config["model"], backbone=backbone, num_classes=num_classes)
     model.load_state_dict(weights)
     return model.eval()
 

@@ -9,6 +9,8 @@ embeddings of all objective modules are concatenated and averaged with those of 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,3 +98,15 @@ class ReIDModel(nn.Module):
     def extract_features(self, images: torch.Tensor, *, flip: bool = True) -> torch.Tensor:
         """``retrieval_features`` without autograd: what evaluation uses."""
         return self.retrieval_features(images, flip=flip)
+
+
+#: ``model.*`` options about how the network runs, not what it is (``reidreg.training.performance``).
+RUNTIME_OPTIONS = ("compile",)
+
+
+def build_reid_model(config: Mapping[str, Any], *, backbone: ResNetBackbone, num_classes: int) -> ReIDModel:
+    """The network of a ``model`` config node (``_target_`` and its options, runtime options left out)."""
+    from reidreg.utils.config import instantiate
+
+    options = {key: value for key, value in config.items() if key not in RUNTIME_OPTIONS}
+    return instantiate(options, backbone=backbone, num_classes=num_classes)

@@ -22,11 +22,18 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
+from reidreg.models import build_reid_model
 from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
 from reidreg.regularizers import TrainingPlan, build_regularizers
 from reidreg.training.checkpointing import LAST, AtomicCheckpointIO, ResumePoint
 from reidreg.training.divergence import DivergenceGuard
 from reidreg.training.module import REPORTED_METRICS, ReIDModule
+from reidreg.training.performance import (
+    DeviceSettings,
+    prepare_network,
+    resolve_device_settings,
+    with_fused_adam,
+)
 from reidreg.training.progress import console_callbacks
 from reidreg.training.resume import resumed_config, stored_config
 from reidreg.training.run_record import RunRecord
@@ -71,8 +78,10 @@ def original_run_dir(ckpt_path: Path, checkpoint_config: dict[str, Any]) -> Path
     return folder if (folder / "config.yaml").is_file() else Path(checkpoint_config["paths"]["output_dir"])
 
 
-def build_module(cfg: DictConfig, num_classes: int, run_dir: Path) -> ReIDModule:
-    """The network, its losses and regularizers, wrapped in the LightningModule."""
+def build_module(
+    cfg: DictConfig, num_classes: int, run_dir: Path, settings: DeviceSettings | None = None
+) -> ReIDModule:
+    """The network, its losses and regularizers, wrapped in the LightningModule, set up for the device."""
     regularizers = build_regularizers(cfg.regularizer)
     if any(r.replaces_weight_decay for r in regularizers.values()) and cfg.optim.optimizer.get(
         "weight_decay"
@@ -81,11 +90,12 @@ def build_module(cfg: DictConfig, num_classes: int, run_dir: Path) -> ReIDModule
             f"optim.optimizer.weight_decay={cfg.optim.optimizer.weight_decay} with an L2 regularizer would "
             "count L2 twice; set optim.optimizer.weight_decay=0."
         )
-    model = instantiate(cfg.model, backbone=instantiate(cfg.backbone), num_classes=num_classes)
+    settings = settings or resolve_device_settings(accelerator="cpu", precision=32)
+    model = build_reid_model(cfg.model, backbone=instantiate(cfg.backbone), num_classes=num_classes)
     module = ReIDModule(
         model=model,
         loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optim.optimizer),
+        optimizer=with_fused_adam(instantiate(cfg.optim.optimizer), settings),
         schedule=OmegaConf.to_container(cfg.optim.schedule),
         regularizers=regularizers,
         freeze_backbone_epochs=cfg.freeze_backbone_epochs,
@@ -94,12 +104,13 @@ def build_module(cfg: DictConfig, num_classes: int, run_dir: Path) -> ReIDModule
         rerank_test=cfg.evaluation.rerank,
         run_dir=run_dir,
     )
+    prepare_network(module.model, settings)  # after the regularizers attached (hooks), before optimizers
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     return module
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, *, validate: bool, resume_step: int | None
+    cfg: DictConfig, run_dir: Path, *, validate: bool, resume_step: int | None, settings: DeviceSettings
 ) -> tuple[pl.Trainer, ResumePoint]:
     checkpoints = run_dir / "checkpoints"
     resume_point = ResumePoint(
@@ -138,6 +149,7 @@ def build_trainer(
     overrides: dict[str, Any] = {} if validate else {"limit_val_batches": 0}
     overrides["enable_progress_bar"] = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
     overrides["enable_model_summary"] = False  # console_callbacks' CompactModelSummary replaces Lightning's
+    overrides.update(settings.trainer_kwargs())  # precision (auto resolved) and cudnn.benchmark
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -164,10 +176,16 @@ def run_training(
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Built and checked before the run directory gets anything: bad input fails here, in one line.
+    settings = resolve_device_settings(
+        accelerator=cfg.trainer.accelerator,
+        precision=cfg.trainer.precision,
+        deterministic=cfg.trainer.deterministic,
+        compile=cfg.model.get("compile", False),
+    )
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     steps_per_epoch = datamodule.batches_per_epoch(world_size(cfg))
-    module = build_module(cfg, datamodule.num_classes, run_dir)
+    module = build_module(cfg, datamodule.num_classes, run_dir, settings)
     plan = TrainingPlan(
         max_epochs=cfg.trainer.max_epochs,
         steps_per_epoch=steps_per_epoch,
@@ -179,7 +197,13 @@ def run_training(
         regularizer.check(plan)
     resume_step = checkpoint_global_step(ckpt_path) if ckpt_path else None
     trainer, resume_point = build_trainer(
-        cfg, run_dir, validate=datamodule.has_validation, resume_step=resume_step
+        cfg, run_dir, validate=datamodule.has_validation, resume_step=resume_step, settings=settings
+    )
+    datamodule.configure_device(
+        cuda=settings.cuda,
+        pin_memory=settings.pin_memory,
+        channels_last=settings.channels_last,
+        processes=trainer.num_devices,
     )
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks started by Lightning rely on the first one
         datamodule.verify_images()  # every image decodes: fail now, not hours in
