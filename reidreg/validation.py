@@ -179,6 +179,7 @@ STRATEGIES = (
 )  # fmt: skip
 DATASETS = ("market1501", "dukemtmc", "msmt17", "synthetic")
 METRICS = ("cosine", "euclidean")
+SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")  # checkpoint.signals
 # reidreg.training.module.REPORTED_METRICS on the validation hold-out; "best" is their maximum.
 MONITORED = ("val/mAP", "val/R1", "val/R5", "val/R10", "val/mINP")
 SEED = integer(min=0, max=2**32 - 1)  # numpy's and Lightning's seed range
@@ -222,6 +223,7 @@ TRAIN_OPTIONS: dict[str, Rule] = {
     "data.batch_size_test": integer(min=1),
     "data.num_workers": integer(min=0),
     "data.verify_images": boolean(),
+    "data.pipeline": choice("auto", "cpu", "gpu"),
     # backbone and model
     "backbone._target_": string(),
     "backbone.name": string(),
@@ -270,17 +272,21 @@ TRAIN_OPTIONS: dict[str, Rule] = {
     "trainer.use_distributed_sampler": boolean(),
     "trainer.sync_batchnorm": boolean(),
     "trainer.enable_model_summary": boolean(),
-    "trainer.enable_progress_bar": boolean(),
     # evaluation, checkpoints, run supervision
     "evaluation.metric": choice(*METRICS),
     "evaluation.flip": boolean(),
     "evaluation.rerank": boolean(),
     "checkpoint.monitor": choice(*MONITORED),
     "checkpoint.every_n_steps": integer(min=0),
+    "checkpoint.signals": list_of(choice(*SIGNALS)),
+    "checkpoint.requeue": boolean(),
     "divergence.factor": number(gt=1),
+    "divergence.reference_steps": integer(min=1),
     "divergence.check_every_n_steps": integer(min=1),
     "progress.mode": choice("auto", "bar", "lines", "off"),
     "progress.every_n_steps": integer(min=1),
+    "progress.every_n_seconds": optional(number(gt=0)),
+    "progress.throughput_warmup_steps": integer(min=0),
 }
 
 EVALUATE_OPTIONS: dict[str, Rule] = {

@@ -44,16 +44,6 @@ from tests.test_sweeps import STUDIES, compose_study, study_file, swept_values
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
 REGULARIZERS = sorted(path.stem for path in (REPO / "conf" / "regularizer").glob("*.yaml"))
-# Keys other branches are adding to conf/ (validated when present): not yet in the composed config.
-PENDING_KEYS = {
-    "data.verify_images",
-    "model.compile",
-    "checkpoint.every_n_steps",
-    "divergence.factor",
-    "divergence.check_every_n_steps",
-    "progress.mode",
-    "progress.every_n_steps",
-}
 # Group-specific keys: present only with some options of their group.
 GROUP_KEYS = {
     "dataset.options.combine_val": "dataset=msmt17",
@@ -254,12 +244,12 @@ def test_choices_match_lightning_and_reidreg():
 
 
 def test_every_table_key_exists_in_the_config(tmp_path):
-    """No typo in the table: each key is in the composed config (or pending, or group-specific)."""
+    """No typo in the table: each key is in the composed config (or group-specific)."""
     from omegaconf import OmegaConf
 
     cfg = compose_config(tmp_path)
     for key in TRAIN_OPTIONS:
-        if key in PENDING_KEYS or key in GROUP_KEYS:
+        if key in GROUP_KEYS:
             continue
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
     for key, override in GROUP_KEYS.items():
