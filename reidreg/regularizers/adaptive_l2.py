@@ -30,14 +30,14 @@ GradScaler's scale under 16-bit AMP, read as a device tensor):
     ∂/∂wₙ = g·2λₙwₙ.
 
 The θ gradients come from one vector (the views of its ``unbind``); the wₙ gradients from one foreach
-multiply of the wₙ by views of a flat buffer holding 2gλₙ in every element of view n (``FlatViews``), since a
-0-d λₙ per tensor would cost one CUDA launch per tensor. Exactness: the same terms, in fp32, added before
-AMP unscaling (which divides them by the scale like every other gradient and checks them for inf/NaN);
-under DDP after the all-reduce, where every rank adds the same terms (functions of the replicated weights
-and θ) to the averaged task gradient — the average of the per-rank sums autograd would give. The θₙ still
-take part in the autograd graph (their ``AccumulateGrad`` runs with no gradient), so DDP without
-``find_unused_parameters`` waits for them and then leaves their ``.grad`` to the penalty. Use
-``.backward()`` on the loss: ``torch.autograd.grad`` would not see the penalty's gradient.
+``addcmul`` of the wₙ with views of a flat buffer holding 2gλₙ in every element of view n (``FlatViews``,
+one float per weight), since a 0-d λₙ per tensor would cost one CUDA launch per tensor. Exactness: the
+same terms, in fp32, added before AMP unscaling (which divides them by the scale like every other gradient
+and checks them for inf/NaN); under DDP after the all-reduce, where every rank adds the same terms
+(functions of the replicated weights and θ) to the averaged task gradient — the average of the per-rank
+sums autograd would give. The θₙ still take part in the autograd graph (their ``AccumulateGrad`` runs with
+no gradient), so DDP without ``find_unused_parameters`` waits for them and then leaves their ``.grad`` to
+the penalty. Use ``.backward()`` on the loss: ``torch.autograd.grad`` would not see the penalty's gradient.
 
 The categories are the paper's (§IV-E): conv_kernel, conv_bias, bn_gamma, bn_beta, dense_kernel (plus
 dense_bias if a network has one). Our timm ResNet convolutions have no bias, so conv_bias holds only the
@@ -65,7 +65,13 @@ import torch
 from torch import nn
 
 from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
-from reidreg.regularizers.foreach import FlatViews, ParameterLookup, add_to_grads, after_backward
+from reidreg.regularizers.foreach import (
+    FlatViews,
+    ParameterLookup,
+    add_products_to_grads,
+    add_to_grads,
+    after_backward,
+)
 from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets, squared_norms
 
 if TYPE_CHECKING:
@@ -302,8 +308,9 @@ class _AdaptiveL2Penalty(torch.autograd.Function):
             if trainable:
                 buffer = regularizer._spread_buffer(parameters)
                 buffer.spread(coefficients)
-                weights = [parameters[n] for n in trainable]
-                add_to_grads(weights, torch._foreach_mul(weights, [buffer.views[n] for n in trainable]))
+                add_products_to_grads(
+                    [parameters[n] for n in trainable], [buffer.views[n] for n in trainable]
+                )
 
         after_backward(accumulate)
         return (None,) * len(ctx.needs_input_grad)

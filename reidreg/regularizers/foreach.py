@@ -13,7 +13,8 @@ position of its lists share shape, strides, dtype and device; multiplying each t
 * ``ParameterLookup``: the network's current tensors for fixed names without walking every module.
 * ``after_backward``: run a callback once the running backward pass has accumulated (and, under DDP,
   all-reduced) every other gradient.
-* ``add_to_grads``: ``t.grad += u`` for many tensors in one foreach operator.
+* ``add_to_grads``, ``add_products_to_grads``: ``t.grad += u`` or ``t.grad += t·f`` for many tensors in
+  one foreach operator.
 * ``FlatViews``: one flat buffer seen as one view per tensor, with per-tensor scalars spread over it in
   O(1) operators.
 """
@@ -80,6 +81,22 @@ def add_to_grads(tensors: Sequence[torch.Tensor], updates: Sequence[torch.Tensor
     for tensor, update in pairs:
         if tensor.grad is None:
             tensor.grad = update
+
+
+def add_products_to_grads(tensors: Sequence[torch.Tensor], factors: Sequence[torch.Tensor]) -> None:
+    """``t.grad += t·f`` for every pair, ``f`` shaped like ``t``, in one foreach operator (read ``t.grad``,
+    ``t`` and ``f`` once, write ``t.grad`` once); a tensor without a gradient gets ``t·f``."""
+    pairs = list(zip(tensors, factors, strict=True))
+    present = [(tensor.grad, tensor, factor) for tensor, factor in pairs if tensor.grad is not None]
+    if present:
+        grads, present_tensors, present_factors = zip(*present, strict=True)
+        torch._foreach_addcmul_(list(grads), list(present_tensors), list(present_factors))
+    missing = [(tensor, factor) for tensor, factor in pairs if tensor.grad is None]
+    if missing:
+        missing_tensors, missing_factors = zip(*missing, strict=True)
+        products = torch._foreach_mul(list(missing_tensors), list(missing_factors))
+        for tensor, product in zip(missing_tensors, products, strict=True):
+            tensor.grad = product
 
 
 class FlatViews:
