@@ -19,6 +19,26 @@ are left out of the sum by default (``include_frozen=False``, our choice): eq. 2
 over the recipe's 4,000 frozen steps at lr 2e-4) without regularising anything. ``include_frozen=True``
 keeps them in the sum.
 
+Gradient path, a few operators for any number of tensors (issue 10): the penalty is an autograd
+``Function`` of the θₙ and wₙ whose backward returns no gradient to autograd (so no per-tensor
+``AccumulateGrad`` work, no per-tensor θ arithmetic) and instead, at the end of the backward pass
+(``foreach.after_backward``), adds to the ``.grad`` of every θₙ and every trainable wₙ, in a few foreach
+operators, what autograd would accumulate there, g being the gradient that reached the penalty (1, or the
+GradScaler's scale under 16-bit AMP, read as a device tensor):
+
+    ∂/∂θₙ = g·A·f'(θₙ)·‖wₙ‖²,  f'(θ) = 1/(2c) on [−c, c] (eq. 5's linear piece, ±c included), 0 outside;
+    ∂/∂wₙ = g·2λₙwₙ.
+
+The θ gradients come from one vector (the views of its ``unbind``); the wₙ gradients from one foreach
+``addcmul`` of the wₙ with views of a flat buffer holding 2gλₙ in every element of view n (``FlatViews``,
+one float per weight), since a 0-d λₙ per tensor would cost one CUDA launch per tensor. Exactness: the
+same terms, in fp32, added before AMP unscaling (which divides them by the scale like every other gradient
+and checks them for inf/NaN); under DDP after the all-reduce, where every rank adds the same terms
+(functions of the replicated weights and θ) to the averaged task gradient — the average of the per-rank
+sums autograd would give. The θₙ still take part in the autograd graph (their ``AccumulateGrad`` runs with
+no gradient), so DDP without ``find_unused_parameters`` waits for them and then leaves their ``.grad`` to
+the penalty. Use ``.backward()`` on the loss: ``torch.autograd.grad`` would not see the penalty's gradient.
+
 The categories are the paper's (§IV-E): conv_kernel, conv_bias, bn_gamma, bn_beta, dense_kernel (plus
 dense_bias if a network has one). Our timm ResNet convolutions have no bias, so conv_bias holds only the
 biases of the regional branches' 3×3 convs (the paper's Keras ResNet has biases in every conv), and the
@@ -45,7 +65,14 @@ import torch
 from torch import nn
 
 from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
-from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets, resolve_parameters, squared_norms
+from reidreg.regularizers.foreach import (
+    FlatViews,
+    ParameterLookup,
+    add_products_to_grads,
+    add_to_grads,
+    after_backward,
+)
+from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets, squared_norms
 
 if TYPE_CHECKING:
     from reidreg.training.module import ReIDModule
@@ -86,6 +113,8 @@ class AdaptiveL2(Regularizer):
         self.target_categories: list[str] = []
         # [{"step": global step, "<category>": median λ, ...}, ...] — plain data, saved via get_extra_state.
         self.lambda_history: list[dict[str, float]] = []
+        self._lookup = ParameterLookup([])
+        self._lambda_views: FlatViews | None = None  # 2gλₙ spread over the wₙ, see _AdaptiveL2Penalty
 
     # ------------------------------------------------------------------ the method
     def attach(self, module: ReIDModule) -> None:
@@ -94,6 +123,7 @@ class AdaptiveL2(Regularizer):
             raise ValueError(f"AdaptiveL2 found no tensor to regularise for categories={self.categories}")
         self.target_names = [target.name for target in targets]
         self.target_categories = [target.category for target in targets]
+        self._lookup = ParameterLookup(self.target_names)
         device = targets[0].parameter.device
         # One scalar nn.Parameter per tensor (not one vector): Adam then keeps a separate state, step count
         # included, for every θₙ, as for separate variables in the official code; with a shared vector, a θₙ
@@ -111,17 +141,26 @@ class AdaptiveL2(Regularizer):
         return self.amplitude * hard_sigmoid(self.theta_vector(), self.c)
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        """Σₙ λₙ ‖wₙ‖² (eq. 8), differentiable in both θ and the weights; see ``include_frozen``."""
-        parameters, thetas = resolve_parameters(model, self.target_names), list(self.theta)
+        """Σₙ λₙ ‖wₙ‖² (eq. 8); ``.backward()`` adds its gradients in θ and in the weights.
+
+        See ``include_frozen`` for frozen tensors.
+        """
+        parameters, thetas = self._lookup(model), list(self.theta)
         if not self.include_frozen:
-            # A frozen wₙ and its θₙ stay out of the graph: θₙ gets no gradient, so Adam leaves it and its
+            # A frozen wₙ and its θₙ stay out of the sum: θₙ gets no gradient, so Adam leaves it and its
             # state untouched, exactly as it does the frozen weight.
             kept = [index for index, parameter in enumerate(parameters) if parameter.requires_grad]
             if not kept:
                 return thetas[0].new_zeros(())
-            parameters, thetas = [parameters[i] for i in kept], [thetas[i] for i in kept]
-        lambdas = self.amplitude * hard_sigmoid(torch.stack(thetas), self.c)
-        return (lambdas * squared_norms(parameters)).sum()
+            if len(kept) < len(parameters):
+                parameters, thetas = [parameters[i] for i in kept], [thetas[i] for i in kept]
+        return _AdaptiveL2Penalty.apply(self, len(thetas), *thetas, *parameters)
+
+    def _spread_buffer(self, parameters: Sequence[torch.Tensor]) -> FlatViews:
+        """A flat buffer with one view per tensor of ``parameters``, kept while they keep their shapes."""
+        if self._lambda_views is None or not self._lambda_views.matches(parameters):
+            self._lambda_views = FlatViews([p.shape for p in parameters], parameters[0].device)
+        return self._lambda_views
 
     def loss_terms(self, step: TrainStep) -> dict[str, torch.Tensor]:
         return {"penalty": self.penalty(step.model)}
@@ -236,3 +275,42 @@ class AdaptiveL2(Regularizer):
             f"{super().extra_repr()}, amplitude={self.amplitude}, c={self.c}, theta_init={self.theta_init}, "
             f"tensors={len(self.target_names)}"
         )
+
+
+class _AdaptiveL2Penalty(torch.autograd.Function):
+    """Σₙ A·f(θₙ)‖wₙ‖² of its inputs θ₁…θ_K, w₁…w_K; backward adds the gradients at the end of the pass."""
+
+    @staticmethod
+    def forward(ctx, regularizer: AdaptiveL2, count: int, *tensors: torch.Tensor) -> torch.Tensor:
+        theta = torch.stack(tensors[:count])
+        lambdas = regularizer.amplitude * hard_sigmoid(theta, regularizer.c)
+        norms = squared_norms(tensors[count:])
+        ctx.regularizer, ctx.count = regularizer, count
+        ctx.save_for_backward(theta, lambdas, norms, *tensors)
+        return (lambdas * norms).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, ...]:
+        regularizer, count = ctx.regularizer, ctx.count
+        theta, lambdas, norms, *tensors = ctx.saved_tensors
+        thetas, parameters = tensors[:count], tensors[count:]
+        needs_grad = ctx.needs_input_grad[2:]
+        amplitude, c = regularizer.amplitude, regularizer.c
+        # g·∂/∂θₙ = g·A·f'(θₙ)·‖wₙ‖² with f' = 1/(2c) on [−c, c] (eq. 5's linear piece, ±c included), else 0.
+        theta_grads = (((theta >= -c) & (theta <= c)) * (amplitude / (2 * c)) * norms * grad).unbind()
+        coefficients = lambdas * (2 * grad)  # g·∂/∂wₙ = 2gλₙ·wₙ
+
+        def accumulate() -> None:
+            chosen = [n for n in range(count) if needs_grad[n]]
+            add_to_grads([thetas[n] for n in chosen], [theta_grads[n] for n in chosen])
+            trainable = [n for n in range(len(parameters)) if needs_grad[count + n]]
+            if trainable:
+                buffer = regularizer._spread_buffer(parameters)
+                buffer.spread(coefficients)
+                add_products_to_grads(
+                    [parameters[n] for n in trainable], [buffer.views[n] for n in trainable]
+                )
+
+        after_backward(accumulate)
+        return (None,) * len(ctx.needs_input_grad)

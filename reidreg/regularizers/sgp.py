@@ -31,11 +31,21 @@ gradient — whatever s is this step. RMS and noise are computed in float32 (no 
 and the sum is cast back to the gradient's dtype. If the scaled gradient overflowed, its RMS is inf, the
 result is non-finite and the GradScaler skips the step and lowers s, as for any overflow.
 
-Randomness comes from a generator seeded by (seed, global step) (``random_streams``): runs are
+Randomness comes from generators seeded by (seed, global step) (``random_streams``): runs are
 reproducible, a resumed run draws what the uninterrupted one drew, and all DDP ranks draw the same numbers
-(parameter-gradient noise is added after the all-reduce, so the replicas stay identical). Gradients of an
-attack's own forward/backward (adversarial training combined with SGP) are left exact. Hooks act only in
-training mode with autograd on, and only in steps whose draw is on.
+(parameter-gradient noise is added after the all-reduce, so the replicas stay identical). The step's
+on/off draw is made on a CPU generator, so that reading it is no device sync; the noise continues that
+stream when the gradients are on the CPU, and comes from a generator of the same (seed, step) on their
+device otherwise. Gradients of an attack's own forward/backward (adversarial training combined with SGP)
+are left exact. Hooks act only in training mode with autograd on, and only in steps whose draw is on.
+
+Cost (issue 10): parameter-gradient noise takes a fixed number of operators whatever the number of
+tensors. ξ of all of them is one draw into a flat float32 buffer seen as one view per gradient
+(``FlatViews``, kept while the gradients keep their shapes), in the optimizer's order; each view is
+scaled by σ·rms(gₙ) = σ·‖gₙ‖/√numelₙ, the norms from one fused ``_foreach_norm``, and added with one
+``_foreach_add_`` (in the gradient's dtype). On the CPU, one draw of N numbers equals consecutive draws of
+the tensors' sizes whenever each size is a multiple of 16, as for every tensor of a ResNet: torch's CPU
+normal sampler transforms its uniform numbers 16 at a time.
 
 Logs: ``active`` (0/1) every step and, when active, ``noise_ratio/<site>`` = rms(noise) / rms(g) of the
 step's application at each site (``params`` for parameter gradients: over all of them together).
@@ -54,6 +64,7 @@ from torch.utils.hooks import RemovableHandle
 from reidreg.attacks import attack_in_progress
 from reidreg.errors import ConfigError
 from reidreg.regularizers.base import LogDict, Regularizer
+from reidreg.regularizers.foreach import FlatViews, ParameterLookup
 from reidreg.regularizers.random_streams import step_generator
 
 if TYPE_CHECKING:
@@ -97,10 +108,13 @@ class SGP(Regularizer):
         self._active = False
         self._generator: torch.Generator | None = None
         self._noise_ratios: dict[str, torch.Tensor] = {}
+        self._network = ParameterLookup([])
+        self._param_noise: FlatViews | None = None  # ξ of the parameter gradients, one view per gradient
 
     # ------------------------------------------------------------------ hooks of the interface
     def attach(self, module: ReIDModule) -> None:
         self.remove_hooks()
+        self._network = ParameterLookup([name for name, _ in module.model.named_parameters()])
         for site in self.sites:
             stage = _site_module(module.model, site)
             self._handles.append(stage.register_forward_hook(functools.partial(self._arm_site, site)))
@@ -113,9 +127,10 @@ class SGP(Regularizer):
 
     def on_train_batch_start(self, module: ReIDModule, batch_idx: int) -> None:
         device = next(module.model.parameters()).device
-        self._generator = step_generator(self.seed, module.global_step, device)
-        draw = torch.rand((), generator=self._generator, device=device)
-        self._active = bool(draw < self.p)
+        draws = step_generator(self.seed, module.global_step)  # on the CPU: reading the draw is no sync
+        self._active = bool(torch.rand((), generator=draws) < self.p)
+        on_cpu = device.type == "cpu"
+        self._generator = draws if on_cpu else step_generator(self.seed, module.global_step, device)
         self._noise_ratios = {}
 
     def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
@@ -146,17 +161,24 @@ class SGP(Regularizer):
     @torch.no_grad()
     def _perturb_parameter_grads(self, model: ReIDModel, optimizer: torch.optim.Optimizer) -> None:
         # Only the network's parameters: not the regularizers' own (e.g. adaptive L2's θ).
-        network = {id(p) for p in model.parameters()}
-        noise_sq, grad_sq = [], []
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None and id(param) in network:
-                    perturbed, param_noise_sq, param_grad_sq = self._add_noise(param.grad, None)
-                    param.grad.copy_(perturbed)
-                    noise_sq.append(param_noise_sq)
-                    grad_sq.append(param_grad_sq)
-        if grad_sq:
-            self._noise_ratios[PARAMS_SITE] = _rms_ratio(sum(noise_sq), sum(grad_sq))
+        network = {id(p) for p in self._network(model)}
+        grads = [
+            param.grad
+            for group in optimizer.param_groups
+            for param in group["params"]
+            if param.grad is not None and id(param) in network
+        ]
+        if not grads:
+            return
+        if self._param_noise is None or not self._param_noise.matches(grads):
+            self._param_noise = FlatViews([grad.shape for grad in grads], grads[0].device)
+        noise = self._param_noise
+        noise.flat.normal_(generator=self._generator)  # ξ of every gradient, in the optimizer's order
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        noise.scale_(norms * noise.numels.rsqrt() * self.sigma)  # σ·rms(gₙ)·ξₙ, rms(gₙ) = ‖gₙ‖/√numelₙ
+        torch._foreach_add_(grads, noise.views)
+        noise_sq = torch.linalg.vector_norm(noise.flat).square()
+        self._noise_ratios[PARAMS_SITE] = _rms_ratio(noise_sq, norms.square().sum())
 
     def _add_noise(
         self, grad: torch.Tensor, reduce_dims: tuple[int, ...] | None
