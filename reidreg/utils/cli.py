@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from reidreg.errors import ReIDRegError, message_of
+from reidreg.utils.console import FILE_ONLY_LOGGER
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("error: %s", message)
             raise
-        log.error("error: %s", message)  # into the run's log file
+        logging.getLogger(FILE_ONLY_LOGGER).error("error: %s", message)  # the run's log file keeps it too
         print(f"error: {message}", file=sys.stderr)
         remove_unused_run_dir()
         sys.exit(getattr(error, "exit_code", 2))
