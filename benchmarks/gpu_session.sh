@@ -32,15 +32,14 @@ step "(a) the network alone: precision x channels-last x fused Adam x compile (~
 timeout 200 $BENCH --sections network --rounds 3 --steps 10 \
     --variants fp32,bf16,bf16+cl,bf16+cl+fused,bf16+cl+fused+compile,fp16+cl --out "$OUT/network.md"
 
-# End to end, once the lead has wired data.pipeline and trainer.precision=auto into the datamodule and
-# train.py: 200 real steps of each preset, run.json's performance block.
+# End to end: 200 real steps of each preset through the CLI, run.json's performance block.
 step "end to end: python -m reidreg.train, 200 steps per preset (~1 min)"
 if grep -q '^pipeline:' conf/data/default.yaml; then
     for preset in bot_r50 adaptivereid_market1501; do
         run_dir=/tmp/e2e_$preset  # not under $OUT: checkpoints are too large to come back
         timeout 120 python3 -m reidreg.train experiment=$preset dataset=synthetic backbone.pretrained=false \
             data.pipeline=gpu data.num_workers=12 data.steps_per_epoch=200 data.val_identities=0 \
-            trainer.max_epochs=1 trainer.precision=auto test=false trainer.enable_progress_bar=false \
+            trainer.max_epochs=1 trainer.precision=auto test=false progress.mode=lines checkpoint.every_n_steps=0 \
             logger=csv paths.output_dir="$run_dir" > "$OUT/e2e_$preset.log" 2>&1 || tail -5 "$OUT/e2e_$preset.log"
         cp "$run_dir/run.json" "$OUT/e2e_${preset}_run.json" 2>/dev/null
         python3 -c "import json, sys; print(sys.argv[1], json.load(open(sys.argv[2]))['performance'])" \

@@ -29,8 +29,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from reidreg.regularizers import TrainStep
-from reidreg.train import build_module
 from reidreg.training.module import ReIDModule
+from reidreg.training.run import build_module
 from reidreg.utils.config import register_resolvers
 from reidreg.utils.op_count import OpCounter
 

@@ -9,14 +9,14 @@ Three sections, each printed as a table (img/s, ms/step, peak GPU memory, ratio 
 (a) ``network``: ``ReIDModel`` + ``ReIDLoss`` + backward + Adam step on a batch already on the device,
     without loader or Lightning: the limit a training step can reach. Variants (``--variants``): precision
     (fp32, bf16, fp16 with a GradScaler) × channels-last (``+cl``) × fused Adam (``+fused``) ×
-    ``torch.compile`` stage by stage (``+compile``, ``reidreg.training.performance.compile_network``).
+    ``torch.compile`` of the whole forward (``+compile``, ``reidreg.training.performance.compile_network``).
 (b) ``loader``: the training DataLoader alone, on the default synthetic set (3,350 images, 128×64 on
     disk) at the preset's training size: the per-image CPU path (``ReIDDataModule.train_dataloader``:
     decode + resize + augment per image in N workers) against the cached path (``ImageCache`` +
     ``CachedTrainImages`` in N workers + ``BatchAugment`` on the device), both including the copy to the
     device. The cache's build time is printed too.
 (b2) ``augment``: the same two paths in this one process, without workers (per-image work vs batch work).
-(c) ``module``: full reidreg training steps — ``ReIDModule`` built by ``reidreg.train.build_module`` from
+(c) ``module``: full reidreg training steps — ``ReIDModule`` from ``reidreg.training.run.build_module`` on
     the composed config of ``experiment=<preset>``, driven by a ``pl.Trainer`` (``max_steps``) on
     in-memory uint8 batches augmented on the device as the GPU pipeline does — for presets × precisions
     × regularizers, with each regularizer's overhead against ``none``. The device settings of
@@ -411,8 +411,8 @@ def module_section(args: argparse.Namespace, device: torch.device) -> str:
     import pytorch_lightning as pl
 
     from reidreg.data.batch_augment import AugmentSpec, BatchAugment, draw_batch_params
-    from reidreg.train import build_module
     from reidreg.training.performance import prepare_network, resolve_device_settings, with_fused_adam
+    from reidreg.training.run import build_module
 
     class InMemoryBatches(pl.LightningDataModule):
         """uint8 images + augmentation params in host memory, augmented on the device after the transfer
