@@ -62,7 +62,13 @@ def resolve_resume(
         if not auto.is_file():
             return cfg, None
         log.info("The run directory holds %s: resuming from it", auto)
-        ckpt_path, overrides = str(auto), None  # the job's own config must match the checkpoint's
+        try:  # the job's own config must be the checkpoint's experiment
+            return resolve_resume(OmegaConf.merge(cfg, {"ckpt_path": str(auto)}), None, None)
+        except ConfigError as error:
+            raise ConfigError(
+                f"the run directory {auto.parent.parent} already holds a run of another experiment "
+                f"({error}); give this run its own directory (hydra.run.dir)"
+            ) from None
     checkpoint_config = stored_config(ckpt_path)
     resumed = resumed_config(cfg, checkpoint_config, overrides=overrides, compose=compose)
     resumed.ckpt_path = str(ckpt_path)
@@ -124,7 +130,7 @@ def build_trainer(
         reference_steps=cfg.divergence.reference_steps,
         check_every_n_steps=cfg.divergence.check_every_n_steps,
     )
-    # The guard first: it vets every checkpoint before it is written.
+    # The guard vets every checkpoint (last and best) while it is assembled, before anything is written.
     callbacks: list[pl.Callback] = [guard, resume_point]
     if validate:
         best = pl.callbacks.ModelCheckpoint(
