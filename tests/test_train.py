@@ -52,6 +52,24 @@ def test_full_run_writes_config_metrics_checkpoints_and_test_json(tiny_config):
         "train/lr",
     ):
         assert column in header
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and record["reason"] is None and record["wall_time_s"] > 0
+    provenance = record["provenance"]
+    assert provenance["versions"]["torch"] and provenance["versions"]["lightning"]
+    assert provenance["precision"] == "32-true" and provenance["seed"] == cfg.seed
+    assert provenance["dataset"]["name"] == "synthetic"
+    assert provenance["dataset"]["synthetic"]["num_ids"] == 16
+    assert record["performance"]["peak_memory_mib"] > 0
+
+
+def test_the_report_warns_when_runs_differ_in_precision(tmp_path, tiny_config):
+    """Issue "comparisons that carry their provenance": two real runs in two precisions, reported together."""
+    from reidreg.report import report
+
+    for precision in ("32", "bf16-mixed"):
+        train(tiny_config(f"trainer.precision={precision}", f"paths.output_dir={tmp_path / precision}"))
+    text, _ = report([tmp_path / "32", tmp_path / "bf16-mixed"], out_dir=tmp_path / "report", plots=False)
+    assert "runs differ in precision: 32-true" in text and "bf16-mixed" in text
 
 
 def test_resume_from_last_checkpoint_ends_with_the_same_weights(tmp_path, tiny_config):
