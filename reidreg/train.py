@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +37,16 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] | None = None) -> dict[st
     from reidreg.training.run import run_training  # torch, Lightning, timm
 
     return run_training(cfg, overrides, compose=_compose_flat if overrides is not None else None)
+
+
+def __getattr__(name: str) -> Any:
+    """``reidreg.train.build_module`` and ``build_trainer`` (in ``reidreg.training.run``), imported on first
+    use: importing this module must not load torch (PEP 562 module attribute)."""
+    if name in ("build_module", "build_trainer"):
+        from reidreg.training import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _compose_flat(overrides: Sequence[str]) -> dict:
