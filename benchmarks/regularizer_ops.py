@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from reidreg.regularizers import TrainStep
 from reidreg.training.module import ReIDModule
 from reidreg.training.run import build_module
 from reidreg.utils.config import register_resolvers
-from reidreg.utils.op_count import OpCounter
+from reidreg.utils.op_count import OpCounter, standard_step_to_backward
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -113,22 +112,7 @@ class Step:
         outside, optimizer = OpCounter(), OpCounter()
         start = self.clock()
         with outside if count else contextlib.nullcontext():
-            with self.autocast:
-                for regularizer in module.regularizers.values():
-                    regularizer.on_train_batch_start(module, 0)
-                for regularizer in module.regularizers.values():
-                    images, _ = regularizer.prepare_inputs(module, images, labels)
-                outputs = module.model(images)
-                task_losses = module.loss(outputs, labels)
-                step = TrainStep(module.model, images, labels, outputs, task_losses, global_step=0, epoch=0)
-                loss = task_losses["total"]
-                for regularizer in module.regularizers.values():
-                    for term in regularizer.loss_terms(step).values():
-                        loss = loss + term
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for regularizer in module.regularizers.values():
-                regularizer.on_before_optimizer_step(module, self.optimizer)
+            standard_step_to_backward(module, images, labels, self.optimizer, autocast=self.autocast)
         with optimizer if count else contextlib.nullcontext():
             self.optimizer.step()
         elapsed = (self.clock() - start) * 1e3

@@ -18,14 +18,14 @@ from torch import nn
 
 from reidreg.losses import ReIDLoss
 from reidreg.models import ReIDModel, ResNetBackbone
-from reidreg.regularizers import TrainStep, build_regularizers
+from reidreg.regularizers import build_regularizers
 from reidreg.regularizers.adaptive_l2 import AdaptiveL2, hard_sigmoid
 from reidreg.regularizers.constant_l2 import ConstantL2
 from reidreg.regularizers.foreach import FlatViews, ParameterLookup
 from reidreg.regularizers.random_streams import step_generator
 from reidreg.regularizers.sgp import SGP
 from reidreg.training.module import ReIDModule
-from reidreg.utils.op_count import OpCounter
+from reidreg.utils.op_count import OpCounter, standard_step_to_backward
 
 A, C = 0.005, 2.5
 
@@ -68,21 +68,7 @@ class CountedStep:
     def __call__(self, *, count: bool = False) -> None:
         module, images, labels = self.module, self.images, self.labels
         with OpCounter() if count else contextlib.nullcontext() as outside:
-            for regularizer in module.regularizers.values():
-                regularizer.on_train_batch_start(module, 0)
-            for regularizer in module.regularizers.values():
-                images, _ = regularizer.prepare_inputs(module, images, labels)
-            outputs = module.model(images)
-            task_losses = module.loss(outputs, labels)
-            step = TrainStep(module.model, images, labels, outputs, task_losses, global_step=0, epoch=0)
-            loss = task_losses["total"]
-            for regularizer in module.regularizers.values():
-                for term in regularizer.loss_terms(step).values():
-                    loss = loss + term
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for regularizer in module.regularizers.values():
-                regularizer.on_before_optimizer_step(module, self.optimizer)
+            standard_step_to_backward(module, images, labels, self.optimizer)
         with OpCounter() if count else contextlib.nullcontext() as optimizer:
             self.optimizer.step()
         self.outside, self.optimizer_ops = outside, optimizer
