@@ -54,7 +54,7 @@ def verify(root: Path, paths: list[Path] | None = None, **options: object) -> Ve
 
 def test_valid_folder_passes_and_the_second_run_uses_the_cache(dataset: Path) -> None:
     first = verify(dataset)
-    assert (first.total, first.decoded, first.cached) == (6, 6, 0)
+    assert (first.total, first.read, first.cached) == (6, 6, 0)
     assert first.cache_file == dataset.parent / ".reidreg-cache" / "set.json"
     manifest = json.loads(first.cache_file.read_text())["images"]
     assert sorted(manifest) == [
@@ -66,7 +66,7 @@ def test_valid_folder_passes_and_the_second_run_uses_the_cache(dataset: Path) ->
         "train/3.jpg",
     ]
     second = verify(dataset)
-    assert (second.total, second.decoded, second.cached) == (6, 0, 6)
+    assert (second.total, second.read, second.cached) == (6, 0, 6)
 
 
 def test_the_cache_survives_moving_the_data_folder(dataset: Path, tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_good_images_are_cached_even_when_some_are_broken(dataset: Path) -> None
         verify(dataset)
     broken.write_bytes(jpeg_bytes(7))  # fixed: only this file is decoded again
     result = verify(dataset)
-    assert (result.decoded, result.cached) == (1, 6)
+    assert (result.read, result.cached) == (1, 6)
 
 
 def test_a_modified_file_is_verified_again(dataset: Path) -> None:
@@ -137,12 +137,12 @@ def test_a_modified_file_is_verified_again(dataset: Path) -> None:
     with pytest.raises(DatasetError, match=r"broken image .*2\.jpg: corrupt or truncated image"):
         verify(dataset)
     (dataset / "train" / "2.jpg").write_bytes(jpeg_bytes(2))
-    assert verify(dataset).decoded == 1
+    assert verify(dataset).read == 1
     # same size, other modification time (e.g. rewritten in place): verified again
     status = (dataset / "train" / "3.jpg").stat()
     os.utime(dataset / "train" / "3.jpg", ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
-    assert verify(dataset).decoded == 1
-    assert verify(dataset).decoded == 0
+    assert verify(dataset).read == 1
+    assert verify(dataset).read == 0
 
 
 @contextlib.contextmanager
@@ -173,11 +173,11 @@ def test_read_only_data_folder_verifies_without_caching(
     with read_only(dataset.parent):
         for _ in range(2):
             result = verify(dataset)
-            assert (result.decoded, result.cached, result.cache_file) == (6, 0, None)
+            assert (result.read, result.cached, result.cache_file) == (6, 0, None)
             note = capsys.readouterr().err
             assert note.count("\n") == 1 and "cannot write the image check cache" in note
             assert str(dataset.parent / ".reidreg-cache" / "set.json") in note
-            assert "verified without caching" in note and result.summary().endswith("; not cached")
+            assert "checked without caching" in note and result.summary().endswith("; not cached")
     assert not (dataset.parent / ".reidreg-cache").exists()
 
 
@@ -186,10 +186,10 @@ def test_read_only_cache_is_still_used(dataset: Path, capsys: pytest.CaptureFixt
     verify(dataset)
     with read_only(cache_dir):
         result = verify(dataset)
-        assert (result.decoded, result.cached, result.cache_problem) == (0, 6, None)
+        assert (result.read, result.cached, result.cache_problem) == (0, 6, None)
         (dataset / "train" / "1.jpg").write_bytes(jpeg_bytes(11))
         result = verify(dataset)
-        assert (result.decoded, result.cached, result.cache_file) == (1, 5, None)
+        assert (result.read, result.cached, result.cache_file) == (1, 5, None)
     assert "cannot write the image check cache" in capsys.readouterr().err
 
 
@@ -197,14 +197,14 @@ def test_a_corrupt_cache_is_ignored(dataset: Path) -> None:
     cache_file = verify(dataset).cache_file
     assert cache_file is not None
     cache_file.write_text('{"version": 1, "images": {"train/0.jpg": "garbage"')
-    assert verify(dataset).decoded == 6
-    assert verify(dataset).decoded == 0
+    assert verify(dataset).read == 6
+    assert verify(dataset).read == 0
 
 
 def test_without_a_cache_dir_everything_is_decoded(dataset: Path) -> None:
     for _ in range(2):
         result = verify(dataset, cache_dir=None)
-        assert (result.decoded, result.cache_file) == (6, None)
+        assert (result.read, result.cache_file) == (6, None)
     assert not (dataset.parent / ".reidreg-cache").exists()
 
 

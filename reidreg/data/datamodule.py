@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reidreg.data import image_check
@@ -48,7 +48,9 @@ from reidreg.data.image_cache import (
     check_cache_fits,
     workers_receive_shared_memory,
 )
+from reidreg.data.image_modes import read_rgb
 from reidreg.data.sampler import PKBatchSampler
+from reidreg.data.split_check import check_split
 from reidreg.data.transforms import TrainTransform, build_test_transform
 from reidreg.errors import ConfigError
 
@@ -57,11 +59,11 @@ PIPELINES = ("auto", "cpu", "gpu")
 
 
 def read_image(path: str) -> Image.Image:
-    """Open an image as RGB, or fail with an error that names the file."""
+    """Open an image as 8-bit RGB (``reidreg.data.image_modes.to_rgb``), or fail with an error that names
+    the file."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
+        return read_rgb(path)
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
         raise DatasetError(f"cannot read image {path!r}: {error}") from error
 
 
@@ -261,21 +263,39 @@ class ReIDDataModule(pl.LightningDataModule):
         self.val_identities, self.batch_size_test = val_identities, batch_size_test
         self.num_workers, self.seed, self.check_images = num_workers, seed, verify_images
         self.dataset: ReIDDataset | None = None
+        #: SHA-256 of the images of train, query and gallery (``image_check.content_hash``): set by
+        #: ``verify_images()``, None before (and on DDP ranks that do not run it).
+        self.content_hash: str | None = None
         # (epoch, batches done in it) of the checkpoint being resumed; see the module docstring.
         self.resume_position: tuple[int, int] | None = None
 
     def load(self) -> ReIDDataset:
-        """Parse (and, for ``synthetic``, generate) the dataset; cheap to call again."""
+        """Parse (and, for ``synthetic``, generate) the dataset and check its evaluation splits
+        (``reidreg.data.split_check``); cheap to call again."""
         if self.dataset is None:
-            self.dataset = build_dataset(self.dataset_name, Path(self.root), **self.dataset_options)
-            train = self.dataset.train
+            dataset = build_dataset(self.dataset_name, Path(self.root), **self.dataset_options)
+            check_split(
+                dataset.query,
+                dataset.gallery,
+                name=f"test split of {dataset.name} ({dataset.root})",
+                error=DatasetError,
+                fix="check the dataset's query and gallery files.",
+            )
+            train = dataset.train
             if self.val_identities:
                 train, self.val_query, self.val_gallery = hold_out_identities(
                     train, self.val_identities, self.seed
                 )
+                check_split(
+                    self.val_query,
+                    self.val_gallery,
+                    name=f"validation hold-out data.val_identities={self.val_identities}",
+                    error=ConfigError,
+                    fix="hold out more identities, or set data.val_identities=0 to train without validation.",
+                )
             else:
                 self.val_query, self.val_gallery = [], []
-            self.train_samples = train
+            self.train_samples, self.dataset = train, dataset
         return self.dataset
 
     def configure_device(
@@ -312,13 +332,21 @@ class ReIDDataModule(pl.LightningDataModule):
         self.load()  # generates the synthetic dataset once, on the main process
 
     def verify_images(self) -> None:
-        """Decode every image of the splits in use (``image_check``, cached); a broken one fails here."""
+        """Decode every image of the splits in use (``image_check``, cached; a broken one fails here,
+        images far below the training size are named in a warning) and set ``content_hash``.
+
+        With ``verify_images=False`` the images are not decoded but still read and hashed (cached too), so
+        that every run records which data it used."""
         dataset = self.load()
-        if self.check_images:
-            paths = [
-                path for split in (dataset.train, dataset.query, dataset.gallery) for path, _, _ in split
-            ]
-            image_check.verify_images(paths, root=dataset.root, cache_dir=Path(self.root) / ".reidreg-cache")
+        paths = [path for split in (dataset.train, dataset.query, dataset.gallery) for path, _, _ in split]
+        result = image_check.verify_images(
+            paths,
+            root=dataset.root,
+            cache_dir=Path(self.root) / ".reidreg-cache",
+            training_size=(self.augment_spec.height, self.augment_spec.width),
+            decode=self.check_images,
+        )
+        self.content_hash = result.content_hash
 
     def setup(self, stage: str | None = None) -> None:
         self.load()

@@ -1,27 +1,43 @@
-"""Check, before the first training step, that every image of the splits in use decodes fully.
+"""Check, before the first training step, that every image of the splits in use decodes fully and can
+become 8-bit RGB; name the images far below the training size; hash the dataset's content.
 
 Why: a corrupt file is otherwise found when a loader worker first reads it — on MSMT17 possibly hours into
 a run — and reported inside a long DataLoader worker traceback. Here every image is opened with PIL and
-fully decoded (``Image.load()``), so a truncated JPEG, an empty file, a file that is no image and a file
-that disappeared all fail at once, in one :class:`DatasetError` line that names the file.
+fully decoded (``Image.load()``), so a truncated JPEG, an empty file, a file that is no image, a file that
+disappeared and an image whose pixel mode has no conversion to 8-bit RGB (``reidreg.data.image_modes``:
+32-bit ``I`` or float ``F``) all fail at once, in one :class:`DatasetError` line that names the file.
 
 * Truncation: PIL refuses a truncated image unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set, in
   which case it silently fills the missing rows with grey. reidreg never sets it; the check forces it off
   while it runs, so a library that switched it on cannot hide a truncated file from the check.
-* Parallel: a thread pool (``workers``, by default one thread per usable CPU). PIL's C decoder releases
-  the GIL, and decoding is most of the work (about 250 of 320 µs CPU per 128×64 JPEG; the header parse,
-  in Python, holds the GIL); threads avoid a process pool's start-up, pickling and forking of a process
-  that already runs torch threads. ``benchmarks/image_check.py`` compares serial, threads and processes.
-* Cached: a manifest ``<cache_dir>/<dataset folder name>.json`` maps each verified image, by its path
-  relative to the dataset folder, to its size and modification time. A second run only stats the files;
-  a file whose size or mtime changed is decoded again. Broken files are never cached. If the cache cannot
-  be written (a read-only data folder), the images are still checked, and a note on stderr says so once.
+* Small images: an image smaller than 1/:data:`SMALL_IMAGE_FACTOR` of the training height or width would
+  be stretched more than that factor by the resize; they are named (count, first few, sizes) in one
+  warning, not refused (a few tiny crops are common in real datasets).
+* Content hash: each file's bytes are read once, hashed (SHA-256) and decoded from memory. The dataset's
+  ``content_hash`` is the SHA-256 of the sorted (relative path, SHA-256 of the bytes) pairs of every
+  image checked: equal hashes mean the same files with the same bytes. With the check switched off
+  (``decode=False``) the files are still read and hashed, not decoded, so every run has a hash.
+* Parallel: a thread pool (``workers``, by default one thread per usable CPU). PIL's C decoder and hashlib
+  release the GIL, and decoding is most of the work (about 250 of 320 µs CPU per 128×64 JPEG; the header
+  parse, in Python, holds the GIL); threads avoid a process pool's start-up, pickling and forking of a
+  process that already runs torch threads. ``benchmarks/image_check.py`` compares serial, threads and
+  processes.
+* Cached: a manifest ``<cache_dir>/<dataset folder name>.json`` maps each image, by its path relative to
+  the dataset folder, to its size and modification time (ns), its height and width (None if only hashed)
+  and the SHA-256 of its bytes. A second run only stats the files: a file whose size or mtime changed is
+  read again. Like rsync's quick check, a file rewritten with the same size and its old mtime restored
+  (``touch -d``, ``os.utime``) is not noticed: its old verdict and hash are kept until the cache file is
+  deleted. Broken files are never cached. If the cache cannot be written (a read-only data folder), the
+  images are still checked, and a note on stderr says so once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
+import logging
 import os
 import stat
 import sys
@@ -31,35 +47,58 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from reidreg.data.datasets import DatasetError
+from reidreg.data.image_modes import unsupported_mode
 
-CACHE_VERSION = 1
-NUM_LISTED = 5  # broken files named in the error besides the first
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
+NUM_LISTED = 5  # broken or small files named in a message besides the first
+SMALL_IMAGE_FACTOR = 4  # an image below 1/4 of the training height or width is named in a warning
 _CHUNK = 128  # files per pool task: few enough tasks to keep the overhead small, enough for the bar
 
-# (size in bytes, mtime in ns): a file with the same signature as when it was verified is not decoded again.
-Signature = tuple[int, int]
+
+class Entry(NamedTuple):
+    """What the check knows of one good image; an unchanged (size, mtime) means it is not read again."""
+
+    size: int  # bytes
+    mtime_ns: int
+    height: int | None  # None: hashed, not decoded (the check was switched off)
+    width: int | None
+    sha256: str  # of the file's bytes, hex
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """What :func:`verify_images` did: ``decoded`` + ``cached`` = ``total`` images, all of them good."""
+    """What :func:`verify_images` did: ``read`` + ``cached`` = ``total`` images, all of them good.
+
+    ``decode``: whether images were decoded (the check) or only hashed. ``small_images``: (path, height,
+    width) of the images below 1/``SMALL_IMAGE_FACTOR`` of the training size, in the order given.
+    """
 
     total: int
-    decoded: int
+    read: int
     cached: int
+    decode: bool
     workers: int
     seconds: float
     cache_file: Path | None  # the manifest read and (if needed) written; None without caching
     cache_problem: str | None  # why the manifest could not be written, if it could not
+    content_hash: str  # SHA-256 of the sorted (relative path, SHA-256 of the bytes) pairs, hex
+    small_images: tuple[tuple[str, int, int], ...] = ()
 
     def summary(self) -> str:
-        text = (
-            f"image check: {self.total:,} images OK ({self.decoded:,} decoded, {self.cached:,} unchanged "
-            f"since verified; {self.workers} threads, {self.seconds:.2f} s)"
+        if self.decode:
+            text = f"image check: {self.total:,} images OK ({self.read:,} decoded, "
+        else:
+            text = f"image hash (image check off): {self.total:,} images ({self.read:,} read, "
+        text += (
+            f"{self.cached:,} unchanged since verified; {self.workers} threads, {self.seconds:.2f} s); "
+            f"content {self.content_hash[:12]}"
         )
         if self.cache_problem:
             return f"{text}; not cached"
@@ -68,38 +107,52 @@ class VerifyResult:
 
 @dataclass(frozen=True)
 class _Outcome:
-    signature: Signature | None  # None: the file could not be stat'ed
+    entry: Entry | None  # None: the file is broken
     problem: str | None  # None: the image is good
-    decoded: bool  # False: skipped, unchanged since verified
+    read: bool  # False: skipped, unchanged since verified
 
 
-def _decode_problem(path: str) -> str | None:
-    """Why ``path`` does not decode fully with PIL, or None if it does."""
+def _decode(data: bytes) -> tuple[int, int, str | None]:
+    """(height, width, why the image is unusable or None) of an image file's bytes."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
+            return image.height, image.width, unsupported_mode(image)
     except UnidentifiedImageError:
-        return "not an image PIL can identify"
+        return 0, 0, "not an image PIL can identify"
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"corrupt or truncated image: {error}"
-    return None
+        return 0, 0, f"corrupt or truncated image: {error}"
 
 
-def _check(path: str, verified: Signature | None) -> _Outcome:
+def _check(path: str, known: Entry | None, decode: bool) -> _Outcome:
     try:
         status = os.stat(path)
     except FileNotFoundError:
-        return _Outcome(None, "file not found", decoded=False)
+        return _Outcome(None, "file not found", read=False)
     except OSError as error:
-        return _Outcome(None, f"unreadable: {error.strerror}", decoded=False)
-    signature = (status.st_size, status.st_mtime_ns)
-    if signature == verified:
-        return _Outcome(signature, None, decoded=False)
+        return _Outcome(None, f"unreadable: {error.strerror}", read=False)
+    if (
+        known is not None
+        and (known.size, known.mtime_ns) == (status.st_size, status.st_mtime_ns)
+        and (known.height is not None or not decode)
+    ):
+        return _Outcome(known, None, read=False)
     if not stat.S_ISREG(status.st_mode):
-        return _Outcome(signature, "not a regular file", decoded=True)
+        return _Outcome(None, "not a regular file", read=True)
     if status.st_size == 0:
-        return _Outcome(signature, "empty file (0 bytes)", decoded=True)
-    return _Outcome(signature, _decode_problem(path), decoded=True)
+        return _Outcome(None, "empty file (0 bytes)", read=True)
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        return _Outcome(None, f"unreadable: {error.strerror}", read=True)
+    digest = hashlib.sha256(data).hexdigest()
+    height = width = problem = None
+    if decode:
+        height, width, problem = _decode(data)
+    if problem is not None:
+        return _Outcome(None, problem, read=True)
+    return _Outcome(Entry(status.st_size, status.st_mtime_ns, height, width, digest), None, read=True)
 
 
 @contextlib.contextmanager
@@ -115,21 +168,29 @@ def _truncated_images_refused() -> Iterator[None]:
 def _cache_key(path: str, root: Path) -> str:
     """The path relative to the dataset folder (so the cache survives moving it), else the path itself."""
     relative = os.path.relpath(path, root)
-    return path if relative.startswith("..") else relative
+    return path if relative.startswith("..") else Path(relative).as_posix()
 
 
-def _read_manifest(cache_file: Path) -> dict[str, Signature]:
-    """The verified images of ``cache_file``; empty if it is missing, unreadable or of another version."""
+def _read_manifest(cache_file: Path) -> dict[str, Entry]:
+    """The known images of ``cache_file``; empty if it is missing, unreadable or of another version."""
     try:
         content = json.loads(cache_file.read_text())
         if content.get("version") != CACHE_VERSION:
             return {}
-        return {key: (int(size), int(mtime)) for key, (size, mtime) in content["images"].items()}
+        return {key: _entry(*fields) for key, fields in content["images"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
 
 
-def _write_manifest(cache_file: Path, images: dict[str, Signature]) -> None:
+def _entry(size: int, mtime_ns: int, height: int | None, width: int | None, sha256: str) -> Entry:
+    """An ``Entry`` from the manifest's JSON fields; ``ValueError``/``TypeError`` if they are malformed."""
+    if not (isinstance(sha256, str) and len(sha256) == 64):
+        raise ValueError(f"not a SHA-256: {sha256!r}")
+    optional = (None if value is None else int(value) for value in (height, width))
+    return Entry(int(size), int(mtime_ns), *optional, sha256)
+
+
+def _write_manifest(cache_file: Path, images: dict[str, Entry]) -> None:
     """Write atomically (temporary file + rename), with the umask's permissions, as the data files."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
@@ -139,6 +200,15 @@ def _write_manifest(cache_file: Path, images: dict[str, Signature]) -> None:
         os.replace(temporary, cache_file)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def content_hash(digests: dict[str, str]) -> str:
+    """SHA-256 over the (relative path, SHA-256 of the bytes) pairs, sorted by path: the identity of a
+    dataset's content. Paths end with a NUL and digests have a fixed size, so the encoding is unambiguous."""
+    combined = hashlib.sha256()
+    for key in sorted(digests):
+        combined.update(key.encode() + b"\0" + bytes.fromhex(digests[key]))
+    return combined.hexdigest()
 
 
 def _broken_message(broken: list[tuple[str, str]], total: int) -> str:
@@ -151,6 +221,18 @@ def _broken_message(broken: list[tuple[str, str]], total: int) -> str:
     return f"{message}. Replace or remove the broken files before training."
 
 
+def small_images_warning(small: Sequence[tuple[str, int, int]], total: int, size: tuple[int, int]) -> str:
+    """One line: how many images are below 1/``SMALL_IMAGE_FACTOR`` of ``size`` (height, width), the first
+    ``NUM_LISTED`` with their sizes."""
+    listed = ", ".join(f"{path} ({height}x{width})" for path, height, width in small[:NUM_LISTED])
+    more = f" and {len(small) - NUM_LISTED:,} more" if len(small) > NUM_LISTED else ""
+    return (
+        f"{len(small):,} of the {total:,} images are smaller than 1/{SMALL_IMAGE_FACTOR} of the training "
+        f"size {size[0]}x{size[1]} (height x width) and will be stretched more than {SMALL_IMAGE_FACTOR}x: "
+        f"{listed}{more}"
+    )
+
+
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -160,17 +242,21 @@ def verify_images(
     *,
     root: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None,
+    training_size: tuple[int, int] | None = None,
+    decode: bool = True,
     workers: int | None = None,
     progress: bool = True,
 ) -> VerifyResult:
-    """Decode every image of ``paths`` fully; raise one :class:`DatasetError` line if any is broken.
+    """Decode every image of ``paths`` fully; raise one :class:`DatasetError` line if any is unusable.
 
-    ``root`` is the dataset folder: cache keys are paths relative to it. ``cache_dir`` holds the manifest
-    ``<root name>.json`` (None: no caching). ``workers``: threads, by default one per usable CPU.
-    ``progress``: a rich progress bar while checking when stdout is a terminal, then one summary line
-    (only the line when it is not); False prints nothing. A cache that cannot be written is reported once,
-    on stderr. The manifest keeps the good images even when some are broken, so that a rerun after fixing
-    them decodes only the changed files.
+    ``root`` is the dataset folder: cache keys and hashed paths are relative to it. ``cache_dir`` holds the
+    manifest ``<root name>.json`` (None: no caching). ``training_size``: (height, width) the images are
+    resized to; images below 1/``SMALL_IMAGE_FACTOR`` of it are named in one warning (logged). ``decode``
+    False: only read and hash the files (the check switched off; no error but a missing or unreadable
+    file). ``workers``: threads, by default one per usable CPU. ``progress``: a rich progress bar while
+    checking when stdout is a terminal, then one summary line (only the line when it is not); False prints
+    nothing. A cache that cannot be written is reported once, on stderr. The manifest keeps the good images
+    even when some are broken, so that a rerun after fixing them reads only the changed files.
     """
     start = time.perf_counter()
     workers = _usable_cpus() if workers is None else workers
@@ -185,18 +271,20 @@ def verify_images(
     outcomes: list[_Outcome] = []
     with _truncated_images_refused(), ThreadPoolExecutor(max_workers=workers) as pool:
         chunks = [range(index, min(index + _CHUNK, len(files))) for index in range(0, len(files), _CHUNK)]
-        results = pool.map(lambda chunk: [_check(files[i], manifest.get(keys[i])) for i in chunk], chunks)
+        results = pool.map(
+            lambda chunk: [_check(files[i], manifest.get(keys[i]), decode) for i in chunk], chunks
+        )
         for chunk_outcomes in _with_progress(results, len(files), enabled=progress):
             outcomes.extend(chunk_outcomes)
 
     broken = [(path, o.problem) for path, o in zip(files, outcomes, strict=True) if o.problem is not None]
-    decoded = sum(o.decoded for o in outcomes)
+    read = sum(o.read for o in outcomes)
     cache_problem = None
     if cache_file is not None:
         updated = dict(manifest)
         for key, outcome in zip(keys, outcomes, strict=True):
-            if outcome.problem is None and outcome.signature is not None:
-                updated[key] = outcome.signature
+            if outcome.entry is not None:
+                updated[key] = outcome.entry
             else:
                 updated.pop(key, None)
         if updated != manifest:
@@ -205,19 +293,33 @@ def verify_images(
             except OSError as error:
                 cache_problem = (
                     f"cannot write the image check cache {cache_file} ({error.strerror or error}): "
-                    "images were verified without caching and will be decoded again next run"
+                    "images were checked without caching and will be read again next run"
                 )
                 print(cache_problem, file=sys.stderr)
     if broken:
         raise DatasetError(_broken_message(broken, len(files)))
+    entries = [outcome.entry for outcome in outcomes]
+    small = ()
+    if decode and training_size is not None:
+        min_height, min_width = (side / SMALL_IMAGE_FACTOR for side in training_size)
+        small = tuple(
+            (path, entry.height, entry.width)
+            for path, entry in zip(files, entries, strict=True)
+            if entry.height < min_height or entry.width < min_width
+        )
+        if small:
+            log.warning(small_images_warning(small, len(files), training_size))
     result = VerifyResult(
         total=len(files),
-        decoded=decoded,
-        cached=len(files) - decoded,
+        read=read,
+        cached=len(files) - read,
+        decode=decode,
         workers=workers,
         seconds=time.perf_counter() - start,
         cache_file=cache_file if cache_problem is None else None,
         cache_problem=cache_problem,
+        content_hash=content_hash({key: entry.sha256 for key, entry in zip(keys, entries, strict=True)}),
+        small_images=small,
     )
     if progress:
         print(result.summary())

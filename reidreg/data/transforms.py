@@ -34,6 +34,7 @@ from reidreg.data.batch_augment import (
     draw_erasing_rect,
     normalize_uint8,
 )
+from reidreg.data.image_modes import to_rgb
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -55,9 +56,9 @@ def resize_to_uint8(image: Image.Image, height: int, width: int) -> Tensor:
     """PIL image → uint8 (3, H, W) tensor, bilinearly resized (PIL, antialiased) to exactly H×W.
 
     ReID crops are stretched, not aspect-preserved. Identical to torchvision's ``Resize((H, W))`` +
-    ``PILToTensor`` on a PIL image."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    ``PILToTensor`` on an RGB PIL image; another mode is first converted by ``image_modes.to_rgb``."""
+    if image.mode != "RGB" or "transparency" in image.info:
+        image = to_rgb(image)
     resized = np.array(image.resize((width, height), Image.BILINEAR))  # writable, as torch wants
     return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
 

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from reidreg.data import DatasetError
+from reidreg.data.image_modes import read_rgb
 from reidreg.deploy.image_list import ImageList
 from reidreg.errors import one_line
 from reidreg.models.reid_model import ReIDModel
@@ -44,9 +45,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         try:
-            # Decoded as reidreg.data.datamodule.read_image does for evaluation: PIL, converted to RGB.
-            with Image.open(self.paths[index]) as image:
-                return self.transform(image.convert("RGB")), ""
+            # Decoded as evaluation does (reidreg.data.datamodule.read_image): 8-bit RGB by to_rgb.
+            return self.transform(read_rgb(str(self.paths[index]))), ""
         except Exception as error:  # whatever PIL raises for a broken file, reported by the main process
             return torch.zeros(self.shape), one_line(error)
 
