@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -263,3 +264,109 @@ def test_one_line_of_other_errors() -> None:
     fake = "Caught KeyError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
     fake += "  File \"x.py\", line 1, in f\nKeyError: 'pid'\n"
     assert one_line(RuntimeError(fake)) == "'pid'"
+
+
+def test_images_far_below_the_training_size_are_named_in_one_warning(
+    dataset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny, thin = dataset / "train" / "tiny.png", dataset / "test" / "thin.png"
+    Image.new("RGB", (1, 1)).save(tiny)  # (width, height)
+    Image.new("RGB", (31, 200)).save(thin)  # tall enough, too narrow: below 128 / 4 = 32
+    paths = images(dataset)
+    for cached in (0, 8):  # the sizes come from the cache on the second run
+        caplog.clear()
+        result = verify(dataset, paths, training_size=(256, 128))  # the others are 64x32: not below 64x32
+        assert result.cached == cached
+        assert result.small_images == ((str(thin), 200, 31), (str(tiny), 1, 1))
+        warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+        assert warnings == [
+            "2 of the 8 images are smaller than 1/4 of the training size 256x128 (height x width) and will "
+            f"be stretched more than 4x: {thin} (200x31), {tiny} (1x1)"
+        ]
+    assert verify(dataset, paths, training_size=(64, 32)).small_images == ((str(tiny), 1, 1),)
+
+
+def expected_content_hash(root: Path, paths: list[Path]) -> str:
+    """The documented definition, computed independently: SHA-256 over the sorted (relative path, NUL,
+    SHA-256 of the bytes)."""
+    combined = hashlib.sha256()
+    for relative in sorted(path.relative_to(root).as_posix() for path in paths):
+        combined.update(relative.encode() + b"\0" + hashlib.sha256((root / relative).read_bytes()).digest())
+    return combined.hexdigest()
+
+
+def test_the_content_hash_is_that_of_the_bytes_and_costs_nothing_the_second_time(
+    dataset: Path, tmp_path: Path
+) -> None:
+    expected = expected_content_hash(dataset, images(dataset))
+    cold, warm = verify(dataset), verify(dataset)
+    assert (cold.read, warm.read) == (6, 0)
+    assert cold.content_hash == warm.content_hash == expected
+    assert verify(dataset, images(dataset)[::-1], cache_dir=None).content_hash == expected  # order
+    assert verify(dataset, decode=False, cache_dir=None).content_hash == expected  # check off: hashed
+    moved = tmp_path / "elsewhere" / "set"
+    shutil.copytree(dataset, moved)
+    assert verify(moved, cache_dir=None).content_hash == expected  # relative paths: location-free
+
+    (dataset / "test" / "4.jpg").rename(dataset / "test" / "4b.jpg")
+    renamed = verify(dataset)
+    assert renamed.content_hash == expected_content_hash(dataset, images(dataset)) != expected
+
+
+def flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_one_changed_byte_changes_the_content_hash(dataset: Path) -> None:
+    """Files are re-read when their size or mtime changed; a same-size rewrite that restores the old mtime
+    is not noticed (the documented quick-check limit) until the cache file is deleted."""
+    before = verify(dataset)
+    target = dataset / "train" / "0.jpg"
+    status = target.stat()
+    flip_one_byte(target)
+    assert target.stat().st_size == status.st_size
+    changed = verify(dataset)
+    assert changed.read == 1 and changed.content_hash != before.content_hash
+    assert changed.content_hash == expected_content_hash(dataset, images(dataset))
+
+    status = target.stat()
+    flip_one_byte(target)  # back to the original bytes, with the size and mtime the cache holds
+    os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
+    stale = verify(dataset)
+    assert stale.read == 0 and stale.content_hash == changed.content_hash  # not noticed: documented
+    assert before.cache_file is not None
+    before.cache_file.unlink()
+    assert verify(dataset).content_hash == before.content_hash
+
+
+def test_with_the_check_off_images_are_hashed_not_decoded(dataset: Path) -> None:
+    truncate(dataset / "train" / "1.jpg")
+    hashed = verify(dataset, decode=False)
+    assert (hashed.read, hashed.decode) == (6, False)
+    assert hashed.summary().startswith("image hash (image check off): 6 images (6 read, 0 unchanged")
+    assert verify(dataset, decode=False).read == 0  # cached
+    with pytest.raises(DatasetError, match=r"broken image .*1\.jpg: corrupt or truncated"):
+        verify(dataset)  # hashed-only entries are not taken as verified
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_the_data_module_exposes_the_content_hash(tmp_path: Path, check: bool) -> None:
+    from reidreg.data.datamodule import ReIDDataModule
+
+    options = {"preset": "tiny"}
+    data = ReIDDataModule(
+        dataset="synthetic",
+        root=str(tmp_path),
+        dataset_options=options,
+        height=64,
+        width=32,
+        val_identities=0,
+        verify_images=check,
+    )
+    assert data.content_hash is None
+    data.verify_images()
+    dataset = data.load()
+    paths = [Path(path) for split in (dataset.train, dataset.query, dataset.gallery) for path, _, _ in split]
+    assert data.content_hash == expected_content_hash(dataset.root, paths)
