@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from reidreg.data.datamodule import ReIDDataModule
 from reidreg.data.datasets import DatasetError, ReIDDataset, build_dataset
+from reidreg.data.split_check import check_split, queries_without_match
+from reidreg.errors import ConfigError
 
 
 def touch(folder: Path, *names: str) -> None:
@@ -294,3 +297,87 @@ def test_msmt17_missing_image_folders(tmp_path: Path) -> None:
 def test_reid_dataset_requires_contiguous_train_labels(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train pids must be the labels 0..N-1"):
         ReIDDataset(name="x", root=tmp_path, train=[("a.jpg", 1, 0)], query=[], gallery=[])
+
+
+def data_module(root: Path, val_identities: float = 0) -> ReIDDataModule:
+    return ReIDDataModule(dataset="market1501", root=str(root), val_identities=val_identities, num_workers=0)
+
+
+def test_queries_without_a_match_are_counted_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset_folder = make_market(tmp_path)
+    # pid 9 is not in the gallery; pid 5's only gallery image is from camera 5, as this query's
+    touch(dataset_folder / "query", "0009_c2s1_000401_00.jpg", "0005_c5s1_000501_00.jpg")
+    data_module(tmp_path).load()
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"test split of market1501 ({dataset_folder.resolve()}): 2 of the 5 queries have no match in the "
+        "gallery (an image of the same identity from another camera; same-camera images do not count)"
+    )
+    assert (
+        "0005_c5s1_000501_00.jpg (pid 5, c5)" in warnings[0]
+        and "0009_c2s1_000401_00.jpg (pid 9, c2)" in warnings[0]
+    )
+
+
+def test_a_test_split_where_no_query_has_a_match_is_refused_before_training(
+    tiny_config, tmp_path: Path
+) -> None:
+    from reidreg.train import train
+
+    dataset_folder = make_market(tmp_path / "data")
+    empty_folder(dataset_folder / "query")
+    touch(dataset_folder / "query", "0003_c1s1_000101_00.jpg")  # the gallery has pid 3 from c1 and c3
+    empty_folder(dataset_folder / "bounding_box_test")
+    touch(dataset_folder / "bounding_box_test", "0003_c1s1_000151_01.jpg", "0000_c2s1_000001_01.jpg")
+    cfg = tiny_config(f"paths.data_dir={tmp_path / 'data'}", "data.val_identities=0")
+    cfg.dataset.name, cfg.dataset.options = "market1501", {}
+    with pytest.raises(DatasetError) as error:
+        train(cfg)
+    assert str(error.value) == (
+        f"test split of market1501 ({dataset_folder.resolve()}): none of the 1 queries has a match in the "
+        "gallery of 2 images (an image of the same identity from another camera; same-camera images do not "
+        "count), so no metric can be computed; check the dataset's query and gallery files."
+    )
+    assert not Path(cfg.paths.output_dir).exists()  # nothing started
+
+
+def test_a_validation_hold_out_without_a_gallery_is_refused(tmp_path: Path) -> None:
+    make_market(tmp_path)  # only pid 2 has 2+ cameras, one image in each: both become queries
+    with pytest.raises(ConfigError) as error:
+        data_module(tmp_path, val_identities=1).load()
+    assert str(error.value) == (
+        "validation hold-out data.val_identities=1: the gallery set is empty; hold out more identities, "
+        "or set data.val_identities=0 to train without validation."
+    )
+
+
+def test_a_validation_hold_out_with_some_unmatched_queries_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset_folder = make_market(tmp_path)
+    touch(dataset_folder / "bounding_box_train", "0007_c3s3_064544_02.jpg", "0007_c1s3_064644_02.jpg")
+    data = data_module(tmp_path, val_identities=2)  # pid 2 (c1, c2) and 7 (c3, c3, c1): c1 query matches
+    data.load()
+    assert len(data.val_query) == 4 and len(data.val_gallery) == 1
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "validation hold-out data.val_identities=2: 3 of the 4 queries have no match in the gallery"
+    )
+
+
+@pytest.mark.parametrize("role", ["query", "gallery"])
+def test_an_empty_query_or_gallery_set_is_refused(role: str) -> None:
+    sample = ("a.jpg", 1, 0)
+    query, gallery = ([], [sample]) if role == "query" else ([sample], [])
+    with pytest.raises(DatasetError, match=f"^test split: the {role} set is empty; fix it.$"):
+        check_split(query, gallery, name="test split", error=DatasetError, fix="fix it.")
+
+
+def test_queries_without_match_follow_the_market_protocol() -> None:
+    query = [("q0", 1, 0), ("q1", 1, 1), ("q2", 2, 0), ("q3", 3, 0)]
+    gallery = [("g0", 1, 0), ("g1", 2, 0), ("g2", 2, 1), ("g3", 0, 1)]
+    # q0: pid 1 only in camera 0 of the gallery; q1 matches g0; q2 matches g2; q3: pid 3 absent
+    assert queries_without_match(query, gallery) == [0, 3]
