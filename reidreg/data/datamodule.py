@@ -16,6 +16,11 @@ module therefore records the training position (epoch, batches done) in every ch
 (``load_state_dict`` → ``train_dataloader``), mid-epoch checkpoints included: the batches already trained
 on are skipped without loading their images.
 
+Before any work: ``load()`` refuses a test split or validation hold-out that cannot be evaluated (no query
+with a match in the gallery, an empty set; ``reidreg.data.split_check``), and ``verify_images()`` runs the
+image check (``reidreg.data.image_check``) and sets ``content_hash``, the identity of the images' bytes
+that run records keep. Every loader decodes images to 8-bit RGB with ``reidreg.data.image_modes.to_rgb``.
+
 Evaluation sets are ordered identity by identity (``identity_grouped``), so that any leading slice — a
 ``fast_dev_run`` batch — holds queries together with their gallery matches; every item carries its
 position in the canonical order (queries, then gallery, as the dataset lists them), and the metric
