@@ -22,12 +22,12 @@ key of the given config must equal the checkpoint's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from reidreg.errors import ConfigError
+from reidreg.utils.config import flatten
 
 #: Options a resumed run may change: where and how it runs, not what it computes.
 OPERATIONAL = (
@@ -66,32 +66,6 @@ MISSING = object()
 
 def is_operational(key: str) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in OPERATIONAL)
-
-
-def stored_config(ckpt_path: str | Path) -> dict[str, Any]:
-    """The resolved run config a reidreg checkpoint stores (read without loading its tensors into memory)."""
-    import torch
-
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(path)!r} does not exist; expected a .ckpt file from reidreg.train")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which file, not where torch failed
-        raise ConfigError(f"ckpt_path={str(path)!r} cannot be read as a checkpoint: {error}") from None
-    if "reidreg_config" not in checkpoint:
-        raise ConfigError(f"ckpt_path={str(path)!r} is not a reidreg.train checkpoint (no stored run config)")
-    return checkpoint["reidreg_config"]
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Leaves of a nested mapping by dotted key (an empty mapping is a leaf: ``regularizer: {}``)."""
-    if isinstance(node, Mapping) and node:
-        leaves: dict[str, Any] = {}
-        for key, value in node.items():
-            leaves.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return leaves
-    return {prefix: node}
 
 
 def _under(keys: Sequence[str], touched: set[str]) -> set[str]:

@@ -10,13 +10,12 @@ reader never sees half of it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-RUN_FILE = "run.json"
+from reidreg.run_dir import RUN_FILE, atomic_write
 
 
 def _now() -> str:
@@ -55,7 +54,4 @@ class RunRecord:
         self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        os.replace(temporary, self.path)
+        atomic_write(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
