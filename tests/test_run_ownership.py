@@ -229,3 +229,21 @@ def test_a_resume_after_a_killed_process_notes_it_and_keeps_the_first_provenance
     assert data["resumes"][0]["previous_status"].startswith("running")
     with pytest.raises(ConfigError, match="listing_sha256 1 -> 2"):
         again.check_same_data({"dataset": {"listing_sha256": "2"}})
+
+
+def test_relaunching_a_multirun_skips_its_finished_jobs(finished, tmp_path):
+    job_dir = tmp_path / "sweep" / "0"
+    shutil.copytree(finished[0], job_dir)
+    before = snapshot(job_dir)
+    typed = command(job_dir, finished[1], "seed=0", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    typed.insert(3, "-m")  # python -m reidreg.train -m ...
+    again = subprocess.run(typed, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "is finished" in (job_dir / "train.log").read_text()
+    after = snapshot(job_dir)
+    hydra_own = {
+        name for name in before.keys() | after.keys() if name.startswith(".hydra") or name == "train.log"
+    }
+    assert {k: v for k, v in after.items() if k not in hydra_own} == {
+        k: v for k, v in before.items() if k not in hydra_own
+    }
