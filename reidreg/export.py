@@ -12,7 +12,6 @@ torch and onnx are imported only once the options have been checked, so that a t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from omegaconf import DictConfig
 from reidreg.deploy.image_list import list_images
 from reidreg.deploy.options import check_choice, existing_checkpoint, output_file
 from reidreg.errors import ConfigError
+from reidreg.run_dir import staged
 from reidreg.utils.cli import run_cli
 
 FORMAT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts")}
@@ -72,14 +72,9 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         inputs["real"] = read_images(real, image_transform(run_config), height=shape[1], width=shape[2])
 
     export, load = exporters.EXPORTERS[cfg.format]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    try:
+    with staged(out) as partial:
         export(network, partial, torch.randn(exporters.EXAMPLE_BATCH, *shape, generator=generator))
         errors = exporters.check_export(load(partial), network, inputs, format_name=cfg.format)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
 
     embedding_dim = network.model.embedding_dim
     metadata: dict[str, Any] = {

@@ -42,7 +42,6 @@ import os
 import stat
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +52,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from reidreg.data.datasets import DatasetError
 from reidreg.data.image_modes import unsupported_mode
+from reidreg.errors import WriteFailed
+from reidreg.run_dir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,8 @@ def _entry(size: int, mtime_ns: int, height: int | None, width: int | None, sha2
 
 
 def _write_manifest(cache_file: Path, images: dict[str, Entry]) -> None:
-    """Write atomically (temporary file + rename), with the umask's permissions, as the data files."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "w") as stream:
-            json.dump({"version": CACHE_VERSION, "images": dict(sorted(images.items()))}, stream)
-        os.replace(temporary, cache_file)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write atomically, with the umask's permissions, as the data files."""
+    atomic_write(cache_file, json.dumps({"version": CACHE_VERSION, "images": dict(sorted(images.items()))}))
 
 
 def content_hash(digests: dict[str, str]) -> str:
@@ -290,9 +284,10 @@ def verify_images(
         if updated != manifest:
             try:
                 _write_manifest(cache_file, updated)
-            except OSError as error:
+            except (OSError, WriteFailed) as error:  # atomic_write reports file-system errors as WriteFailed
+                reason = getattr(error, "strerror", None) or error
                 cache_problem = (
-                    f"cannot write the image check cache {cache_file} ({error.strerror or error}): "
+                    f"cannot write the image check cache {cache_file} ({reason}): "
                     "images were checked without caching and will be read again next run"
                 )
                 print(cache_problem, file=sys.stderr)
