@@ -166,10 +166,16 @@ def _truncated_images_refused() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _cache_key(path: str, root: Path) -> str:
-    """The path relative to the dataset folder (so the cache survives moving it), else the path itself."""
-    relative = os.path.relpath(path, root)
-    return path if relative.startswith("..") else Path(relative).as_posix()
+def _cache_keys(paths: Sequence[str], root: Path) -> list[str]:
+    """Each path relative to the dataset folder, with ``/`` (so the cache and the content hash survive
+    moving it), else the path itself. A plain prefix cut for the usual absolute path below ``root``:
+    ``os.path.relpath`` costs more than the rest of a warm run."""
+    prefix = os.path.join(root, "")
+    keys = []
+    for path in paths:
+        relative = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
+        keys.append(path if relative.startswith("..") else relative.replace(os.sep, "/"))
+    return keys
 
 
 def _read_manifest(cache_file: Path) -> dict[str, Entry]:
@@ -178,17 +184,18 @@ def _read_manifest(cache_file: Path) -> dict[str, Entry]:
         content = json.loads(cache_file.read_text())
         if content.get("version") != CACHE_VERSION:
             return {}
-        return {key: _entry(*fields) for key, fields in content["images"].items()}
+        return {key: _entry(fields) for key, fields in content["images"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
 
 
-def _entry(size: int, mtime_ns: int, height: int | None, width: int | None, sha256: str) -> Entry:
-    """An ``Entry`` from the manifest's JSON fields; ``ValueError``/``TypeError`` if they are malformed."""
-    if not (isinstance(sha256, str) and len(sha256) == 64):
-        raise ValueError(f"not a SHA-256: {sha256!r}")
-    optional = (None if value is None else int(value) for value in (height, width))
-    return Entry(int(size), int(mtime_ns), *optional, sha256)
+def _entry(fields: list) -> Entry:
+    """An ``Entry`` from the manifest's JSON list; ``TypeError``/``ValueError`` if it is malformed. (A
+    size or mtime of another type never equals the file's: that file is just read again.)"""
+    entry = Entry._make(fields)  # TypeError unless 5 fields
+    if not (isinstance(entry.sha256, str) and len(entry.sha256) == 64):
+        raise ValueError(f"not a SHA-256: {entry.sha256!r}")
+    return entry
 
 
 def _write_manifest(cache_file: Path, images: dict[str, Entry]) -> None:
@@ -258,7 +265,7 @@ def verify_images(
         raise ValueError(f"workers must be >= 1, got {workers}")
     root = Path(root).absolute()
     files = list(dict.fromkeys(os.fspath(path) for path in paths))  # unique, in order
-    keys = [_cache_key(path, root) for path in files]
+    keys = _cache_keys(files, root)
     cache_file = Path(cache_dir) / f"{root.name}.json" if cache_dir is not None else None
     manifest = _read_manifest(cache_file) if cache_file else {}
 
