@@ -70,11 +70,13 @@ built (neither ``init_from`` nor a ``start_epoch`` > 0: a randomly initialised n
 backbone with random heads) is refused unless ``allow_untrained`` says so. A run that still ends before
 the last step (stopped by something else: ``max_steps``, ``max_time``, a divergence stop) warns at the end.
 
-While LinR runs, the main (Adam) optimizer is not stepped; its per-epoch learning-rate schedule still
-advances, which has no effect on LinR. Round, phase and random draws are functions of the number of
-refinement steps done, kept as a python int (read every step without a device synchronisation) and
-mirrored in the buffer ``steps_done``, which checkpoints save; loading a checkpoint sets the int from the
-buffer, so a resumed run continues exactly where it stopped.
+Refinement is a phase of its own (``owns_step``/``phase_step``): while LinR runs, no other regularizer acts
+— no input transform, loss term or gradient transform (coupled and decoupled L2 alike stop; the phases' SGD
+brings its own weight decay). The main (Adam) optimizer is not stepped; its per-epoch learning-rate schedule
+still advances, which has no effect on LinR. Round, phase and random draws are functions of the number of
+refinement steps done, kept as a python int (read every step without a device synchronisation) and mirrored
+in the buffer ``steps_done``, which checkpoints save; loading a checkpoint sets the int from the buffer, so
+a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,11 +95,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from reidreg.errors import ConfigError
-from reidreg.regularizers.base import LogDict, Regularizer, TrainingPlan
+from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainingPlan
 from reidreg.run_dir import network_weights, read_checkpoint
-
-if TYPE_CHECKING:
-    from reidreg.training.module import ReIDModule
+from reidreg.validation import boolean, choice, integer, mapping, number, optional, string
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,22 @@ def _mirror_loaded_step_count(module: LinR, incompatible_keys: Any) -> None:
 class LinR(Regularizer):
     """Refinement by alternating classification and LinR phases (Algorithm 1); see the module docstring."""
 
+    OPTION_RULES = {
+        "rounds": integer(min=1),
+        "cls_steps": integer(min=0),
+        "linr_steps": integer(min=1),
+        "alpha": number(gt=0),
+        "variant": choice(*VARIANTS),
+        "cls_loss": choice(*CLS_LOSSES),
+        "bn_mode": choice(*BN_MODES),
+        "cls_optimizer": optional(mapping()),
+        "linr_optimizer": optional(mapping()),
+        "init_from": optional(string()),
+        "start_epoch": optional(integer(min=0)),
+        "allow_untrained": boolean(),
+        "seed": integer(),
+    }
+
     def __init__(
         self,
         *,
@@ -193,24 +209,11 @@ class LinR(Regularizer):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ConfigError(f"regularizer.linr.variant must be one of {VARIANTS}, got {variant!r}")
-        if cls_loss not in CLS_LOSSES:
-            raise ConfigError(f"regularizer.linr.cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
-        if bn_mode not in BN_MODES:
-            raise ConfigError(f"regularizer.linr.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if init_from is not None and start_epoch is not None:
             raise ConfigError(
                 "regularizer.linr: set init_from (refine a checkpoint) or start_epoch (refine within this "
                 f"run), not both (got init_from={init_from!r}, start_epoch={start_epoch})"
             )
-        if rounds < 1 or linr_steps < 1 or cls_steps < 0 or alpha <= 0:
-            raise ConfigError(
-                "regularizer.linr needs rounds >= 1, linr_steps >= 1, cls_steps >= 0 and alpha > 0, got "
-                f"rounds={rounds}, linr_steps={linr_steps}, cls_steps={cls_steps}, alpha={alpha}"
-            )
-        if start_epoch is not None and start_epoch < 0:
-            raise ConfigError(f"regularizer.linr.start_epoch must be >= 0, got {start_epoch}")
         self.rounds, self.linr_steps, self.alpha = rounds, linr_steps, alpha
         self.cls_steps = 0 if variant == "linrnl" else cls_steps  # LinRNL: no classification phase
         self.variant, self.cls_loss, self.bn_mode = variant, cls_loss, bn_mode
@@ -245,8 +248,9 @@ class LinR(Regularizer):
     def refine_from_epoch(self) -> int:
         return self.start_epoch or 0
 
-    def is_active(self, module: ReIDModule) -> bool:
-        return module.current_epoch >= self.refine_from_epoch
+    def owns_step(self, ctx: StepContext) -> bool:
+        """From ``start_epoch`` on, every step is a refinement step (no other regularizer acts in it)."""
+        return ctx.epoch >= self.refine_from_epoch
 
     # ------------------------------------------------------------------ hooks
     def check(self, plan: TrainingPlan) -> None:
@@ -288,12 +292,12 @@ class LinR(Regularizer):
                 "set freeze_backbone_epochs=0 (refining a checkpoint) or a later regularizer.linr.start_epoch"
             )
 
-    def attach(self, module: ReIDModule) -> None:
+    def attach(self, module: Any) -> None:
         self.check_backbone_not_frozen(module.freeze_backbone_epochs)
         if self.init_from is not None:
             self.load_network(module, Path(self.init_from))
 
-    def load_network(self, module: ReIDModule, path: Path) -> None:
+    def load_network(self, module: Any, path: Path) -> None:
         """Load the network weights (``state_dict`` entries ``model.*``) of a reidreg Lightning checkpoint."""
         weights = network_weights(read_checkpoint(path, option="regularizer.linr.init_from"))
         try:
@@ -305,35 +309,32 @@ class LinR(Regularizer):
             ) from error
         log.info("LinR: network weights loaded from %s", path)
 
-    def extra_optimizers(self, module: ReIDModule) -> list[torch.optim.Optimizer]:
+    def extra_optimizers(self, module: Any) -> list[torch.optim.Optimizer]:
         self.phase_optimizers = [
             factory(params=module.model.parameters())
             for factory in (self.cls_optimizer_factory, self.linr_optimizer_factory)
         ]
         return self.phase_optimizers
 
-    def training_step(self, module: ReIDModule, batch: Any, batch_idx: int) -> LogDict | None:
-        if not self.is_active(module):
-            return None  # standard training until start_epoch
+    def phase_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> LogDict:
         step = self.step_count
         if step >= self.total_steps:
             return {}  # refinement done: keep the weights (only reached if the Trainer cannot stop yet)
         round_index, phase = self.phase_of(step)
-        images, labels = batch
         if phase == CLASSIFICATION_PHASE:
-            loss, logs = self.classification_loss(module, images, labels)
+            loss, logs = self.classification_loss(ctx, images, labels)
         else:
             # a and the pairs are a function of (seed, step): a resumed run draws the same ones.
             rng = np.random.default_rng([self.seed, step])
-            loss, logs = self.linr_loss(module.model, images, rng)
-        module.optimize(loss, self.lightning_optimizer(module, self.phase_optimizers[phase]))
+            loss, logs = self.linr_loss(ctx.model, images, rng)
+        ctx.optimize(loss, self.phase_optimizers[phase])
         self.step_count = step + 1
         self.steps_done.fill_(self.step_count)
         if step + 1 == self.total_steps:
-            module.trainer.should_stop = True  # Algorithm 1 line 8: return the refined θ
+            ctx.stop()  # Algorithm 1 line 8: return the refined θ
         return {"phase": float(phase), "round": float(round_index), **logs}
 
-    def on_train_end(self, module: ReIDModule) -> None:
+    def on_train_end(self, module: Any) -> None:
         # ``check`` made the rounds fit in the epochs; something else stopped the run (max_steps, max_time,
         # a divergence stop) or it started before that check.
         if self.step_count < self.total_steps:
@@ -348,7 +349,7 @@ class LinR(Regularizer):
 
     # ------------------------------------------------------------------ losses
     def classification_loss(
-        self, module: ReIDModule, images: torch.Tensor, labels: torch.Tensor
+        self, module: Any, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, LogDict]:
         """Algorithm 1 line 5: the ReID task loss (``task``), its label-smoothed CE terms (``ce``), or eq. 8's
         plain cross-entropy ``H(p, q) = −Σ_c p_c log q_c``, p one-hot (``ce_plain``), summed over modules.
@@ -395,15 +396,6 @@ class LinR(Regularizer):
         if self.variant == "linrc":
             logs["kept_class_share"] = torch.stack(kept_shares).mean()
         return kl, logs
-
-    @staticmethod
-    def lightning_optimizer(module: ReIDModule, optimizer: torch.optim.Optimizer):
-        """The Trainer's wrapper of ``optimizer``: its ``step`` does AMP unscaling, hooks, step counting."""
-        optimizers = module.optimizers()
-        for wrapped in optimizers if isinstance(optimizers, list) else [optimizers]:
-            if getattr(wrapped, "optimizer", wrapped) is optimizer:
-                return wrapped
-        raise RuntimeError("LinR's optimizers are not among the module's optimizers (configure_optimizers)")
 
     def extra_repr(self) -> str:
         return (

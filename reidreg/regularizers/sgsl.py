@@ -1,4 +1,5 @@
-"""SGSL — Stop-Gradient Softmax Loss (paper 004, eqs. 6–7; METHODS §4; official code).
+"""SGSL — Stop-Gradient Softmax Loss, a loss term (Yang, Wang, Zhang, "Stop-Gradient Softmax Loss for Deep
+Metric Learning", AAAI 2023, eqs. 6–7, and its official code).
 
 A second, *cosine* softmax loss on each objective module that shares the identity classifier with the
 label-smoothed CE but lets no gradient reach that classifier. With x = the module's BN output (or, with
@@ -22,7 +23,7 @@ Paper vs official code vs this file:
   than 3". The official code checks the label-smoothed CE of **every batch**: CE > 3 → CE alone,
   otherwise CE + SGSL (the gate can close again). We do the same, per objective module, with that
   module's ``<head>/ce``; ``ce_gate=None`` adds SGSL in every batch. Our CE smooths as q' = (1−ε)q + ε/N
-  (paper 000 eq. 1) where the official code uses ε/(N−1) off-target — a negligible shift of the gate.
+  (AdaptiveReID eq. 1) where the official code uses ε/(N−1) off-target — a negligible shift of the gate.
   Under DDP each rank gates on the CE of its own share of the batch (the official code ran on one GPU).
 - The official code writes softplus as log(1 + exp(·)) and takes logsumexp over the negatives gathered
   with a boolean mask; here the target is masked with −inf inside one logsumexp, and ``F.softplus`` is
@@ -55,16 +56,14 @@ exponents by ~0.03. RBR, the paper's other trick, is a backbone option (``backbo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from reidreg.errors import ConfigError
-from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
-
-if TYPE_CHECKING:
-    from reidreg.training.module import ReIDModule
+from reidreg.regularizers.base import Regularizer, TrainStep
+from reidreg.validation import choice, list_of, number, optional, string
 
 FEATURES = ("bn", "embedding")
 
@@ -72,7 +71,7 @@ FEATURES = ("bn", "embedding")
 def stop_gradient_softmax_loss(
     features: torch.Tensor, class_weights: torch.Tensor, labels: torch.Tensor, *, gamma: float
 ) -> torch.Tensor:
-    """L_SGSL of paper 004 eq. 6 (batch mean) for features (B, D), classifier rows (C, D), labels (B,).
+    """L_SGSL of eq. 6 (batch mean) for features (B, D), classifier rows (C, D), labels (B,).
 
     The classifier rows are detached here, so the loss has a gradient w.r.t. ``features`` only.
     """
@@ -108,6 +107,14 @@ class SGSL(Regularizer):
     even while the gate is closed, with no gradient reaching the feature) and ``<head>/gate_open`` (1/0).
     """
 
+    OPTION_RULES = {
+        "gamma": number(gt=0),
+        "beta": number(),
+        "ce_gate": optional(number()),
+        "heads": optional(list_of(string())),
+        "feature": choice(*FEATURES),
+    }
+
     def __init__(
         self,
         *,
@@ -118,17 +125,10 @@ class SGSL(Regularizer):
         feature: str = "bn",
     ) -> None:
         super().__init__()
-        if gamma <= 0:
-            raise ConfigError(f"regularizer.sgsl.gamma must be > 0, got {gamma}")
-        if feature not in FEATURES:
-            raise ConfigError(f"regularizer.sgsl.feature must be one of {FEATURES}, got {feature!r}")
         self.gamma, self.beta, self.ce_gate, self.feature = float(gamma), float(beta), ce_gate, feature
         self.heads = tuple(heads) if heads is not None else None
-        # Diagnostics of the current step: loss_terms' values are all added to the loss, so values that
-        # must only be logged wait for the next hook that returns logs (on_before_optimizer_step).
-        self._pending_logs: LogDict = {}
 
-    def attach(self, module: ReIDModule) -> None:
+    def attach(self, module: Any) -> None:
         available = module.model.head_names
         unknown = sorted(set(self.heads or ()) - set(available))
         if unknown:
@@ -165,13 +165,9 @@ class SGSL(Regularizer):
                 )
             term = self.beta * value
             terms[f"{head}/sgsl"] = term if is_open is None else torch.where(is_open, term, 0.0)
-            self._pending_logs[f"{head}/l_sgsl"] = value.detach()
-            self._pending_logs[f"{head}/gate_open"] = 1.0 if is_open is None else is_open.float()
+            gate = 1.0 if is_open is None else is_open.float()
+            step.context.log(self, {f"{head}/l_sgsl": value, f"{head}/gate_open": gate})  # logged, not added
         return terms
-
-    def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
-        logs, self._pending_logs = self._pending_logs, {}
-        return logs
 
     def extra_repr(self) -> str:
         options = (
