@@ -17,28 +17,11 @@ from reidreg.regularizers.adaptive_l2 import AdaptiveL2, hard_sigmoid
 from reidreg.regularizers.constant_l2 import ConstantL2
 from reidreg.regularizers.linr import LinR
 from reidreg.training.step import TrainingStep
+from tests.test_l2_regularizers import small_net
 from tests.test_linr import TwoHeadNet
 
 A, C, LAM = 0.005, 2.5, 0.01
 THETAS = [-3.0, -C, -2.4, -0.3, 0.0, 1.1, 2.4, C]  # outside, at ±c (linear piece), inside
-
-
-def small_net(dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """Conv kernel + bias, BN γ/β (2d and 1d), dense kernel + bias: 8 tensors, random values."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(2, 3, 3, bias=True),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.BatchNorm1d(3),
-        nn.Linear(3, 4),
-    ).to(dtype)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_()
-    return net
 
 
 def task_loss(net: nn.Module) -> torch.Tensor:
@@ -65,7 +48,7 @@ def paper_penalties(net: nn.Module, thetas) -> torch.Tensor:
 
 
 def test_float64_gradient_transforms_match_autograd_of_the_paper_penalties_to_1e_12():
-    net, reference = small_net(torch.float64), small_net(torch.float64)
+    net, reference = small_net().double(), small_net().double()
     step = TrainingStep([attached(ConstantL2(lam=LAM), net), attached(AdaptiveL2(amplitude=A, c=C), net)])
     adaptive = step.regularizers[1]
     assert adaptive.theta[0].dtype == torch.float64
