@@ -326,7 +326,8 @@ def test_end_to_end_sgsl_with_rbr(tiny_config):
 @pytest.mark.slow
 @pytest.mark.skipif(not ADAPTIVE_L2_YAML.exists(), reason="conf/regularizer/adaptive_l2.yaml not written yet")
 def test_end_to_end_sgsl_with_adaptive_l2(tiny_config):
-    rows = run(tiny_config, "regularizer=[adaptive_l2,sgsl]")
+    # The penalty as a loss term (its default is a gradient transform, not part of train/loss).
+    rows = run(tiny_config, "regularizer=[adaptive_l2,sgsl]", "regularizer.adaptive_l2.differentiable=true")
     check_training_rows(rows, other_terms=("reg/adaptive_l2/penalty",))
 
 
