@@ -85,8 +85,8 @@ class StepContext:
     def log(self, regularizer: Regularizer, values: LogDict) -> None:
         """Keep ``values`` (detached) as ``reg/<name>/<key>`` for this step's log line."""
         for key, value in values.items():
-            detached = value.detach() if isinstance(value, torch.Tensor) else value
-            self.logs[f"reg/{regularizer.name}/{key}"] = detached
+            graph = isinstance(value, torch.Tensor) and value.requires_grad
+            self.logs[f"reg/{regularizer.name}/{key}"] = value.detach() if graph else value
 
 
 @dataclass
