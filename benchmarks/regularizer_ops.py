@@ -1,15 +1,16 @@
-"""Per-step cost of each regularizer on the CPU: aten operators (the GPU proxy) and CPU time (issue 10).
+"""Per-step cost of each regularizer on the CPU: aten operators (the GPU proxy) and CPU time.
 
 On a GPU, a training step of this project is launch-bound: its time follows the number of operators more
 than their sizes. This script counts the aten operators of one real training step of the AdaptiveReID
-ResNet-50 (forward, task loss, regularizer terms, backward, ``on_before_optimizer_step``, Adam(foreach)
-step; ``reidreg.utils.op_count``), for ``none`` and for each regularizer, and prints the extra operators
-of each (those of the optimizer step in their own column: adaptive L2's θ are more parameters for Adam),
-the extra host reads (a device sync on a GPU), and the process CPU time per step of each, measured
-interleaved with ``none`` (median over ``--steps``, ratio of medians). The module is built from the
-composed config, as ``python -m reidreg.train`` builds it, and driven by hand in ReIDModule's order of
-hooks. With ``--device cuda`` the same runs on a GPU (wall time after synchronising instead of CPU
-time; ``--bf16`` for bf16 autocast): the operator counts are those of the CPU run, the times are real.
+ResNet-50 (``reidreg.training.step.TrainingStep``, the step ``ReIDModule`` runs: forward, task loss, loss
+terms, backward, gradient transforms, Adam(foreach) step; ``reidreg.utils.op_count``), for ``none`` and for
+each regularizer, and prints the extra operators of each (those of the optimizer step in their own column:
+adaptive L2's θ are more parameters for Adam), the extra host reads (a device sync on a GPU), and the
+process CPU time per step of each, measured interleaved with ``none`` (median over ``--steps``, ratio of
+medians). The module is built from the composed config, as ``python -m reidreg.train`` builds it, and its
+step is run without a Trainer. With ``--device cuda`` the same runs on a GPU (wall time after synchronising
+instead of CPU time; ``--bf16`` for bf16 autocast): the operator counts are those of the CPU run, the times
+are real.
 
     python benchmarks/regularizer_ops.py                      # ResNet-50, 256×128, batch 16, 1 thread
     python benchmarks/regularizer_ops.py --batch-size 64 --steps 9 --threads 2
@@ -19,7 +20,6 @@ time; ``--bf16`` for bf16 autocast): the operator counts are those of the CPU ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from reidreg.regularizers import StepContext
 from reidreg.training.module import ReIDModule
 from reidreg.training.run import build_module
 from reidreg.utils.config import register_resolvers
-from reidreg.utils.op_count import OpCounter, standard_step_to_backward
+from reidreg.utils.op_count import OpCounter, count_step
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -85,7 +86,7 @@ def build(variant: str, args: argparse.Namespace, run_dir: Path) -> tuple[ReIDMo
 
 
 class Step:
-    """One standard training step of ReIDModule, driven by hand (no Trainer) in its order of hooks."""
+    """ReIDModule's training step (its ``TrainingStep``), run without a Trainer."""
 
     def __init__(
         self, module: ReIDModule, optimizer: torch.optim.Optimizer, args: argparse.Namespace
@@ -108,17 +109,19 @@ class Step:
 
     def __call__(self, *, count: bool = False) -> float:
         """Runs the step; returns its time in ms (when counting: with the counters' overhead)."""
-        module, images, labels = self.module, self.images, self.labels
-        outside, optimizer = OpCounter(), OpCounter()
+        module = self.module
+        context = StepContext(module.model, module.loss)
+
+        def step() -> None:
+            with self.autocast:
+                module.step(context, self.images, self.labels, self.optimizer)
+
         start = self.clock()
-        with outside if count else contextlib.nullcontext():
-            standard_step_to_backward(module, images, labels, self.optimizer, autocast=self.autocast)
-        with optimizer if count else contextlib.nullcontext():
-            self.optimizer.step()
-        elapsed = (self.clock() - start) * 1e3
         if count:
-            self.counts = (outside, optimizer)
-        return elapsed
+            self.counts = count_step(step, self.optimizer)
+        else:
+            step()
+        return (self.clock() - start) * 1e3
 
 
 def main() -> None:

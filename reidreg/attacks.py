@@ -26,8 +26,7 @@ the range for such a pixel is widened to include its own value, so δ = 0 is alw
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,23 +44,6 @@ OBJECTIVE_SCALE = 1024.0
 FGSM_RANDOM_START_STEP = 1.25
 PGD_TOTAL_TRAVEL = 2.5
 PGD_DEFAULT_STEPS = 7  # Madry et al.'s CIFAR-10 training attack
-
-_attack_depth = 0
-
-
-def attack_in_progress() -> bool:
-    """True while an attack runs its forward and backward passes (SGP leaves those gradients exact)."""
-    return _attack_depth > 0
-
-
-@contextlib.contextmanager
-def _attacking() -> Iterator[None]:
-    global _attack_depth
-    _attack_depth += 1
-    try:
-        yield
-    finally:
-        _attack_depth -= 1
 
 
 @dataclass(frozen=True)
@@ -113,7 +95,7 @@ class LinfAttack:
         if self.random_start:
             uniform = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
             delta = torch.minimum(torch.maximum((2 * uniform - 1) * self.eps, low), high)
-        with _attacking(), torch.enable_grad():
+        with torch.enable_grad():
             for _ in range(self.steps):
                 delta.requires_grad_(True)
                 value = objective(images + delta / std)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from reidreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from reidreg.errors import ConfigError
 from reidreg.losses import ReIDLoss
 from reidreg.models import ReIDModel, ResNetBackbone
+from reidreg.regularizers import StepContext
 from reidreg.regularizers.adversarial import AdversarialTraining, choose_per_identity
 
 EPS = 8 / 255
@@ -34,8 +34,8 @@ def pixel_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return (pixels - MEAN) / STD, torch.arange(4).repeat_interleave(2)
 
 
-def fake_module(model: ReIDModel, step: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(model=model, loss=ReIDLoss(), global_step=step)
+def fake_module(model: ReIDModel, step: int = 0) -> StepContext:
+    return StepContext(model, ReIDLoss(), global_step=step, stage="inputs")
 
 
 def task_loss_of(model: ReIDModel, labels: torch.Tensor):
@@ -126,7 +126,7 @@ def test_regularizer_leaves_parameter_grads_and_batchnorm_statistics_untouched()
         param.grad = torch.full_like(param, 0.5)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     regularizer = AdversarialTraining(attack="pgd", eps=EPS, steps=3, adv_fraction=1.0, seed=1)
-    adversarial, logs = regularizer.prepare_inputs(fake_module(model), images, labels)
+    adversarial, _, logs = regularizer.transform_inputs(fake_module(model), images, labels)
 
     assert model.training
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
@@ -151,13 +151,15 @@ def test_mixing_replaces_only_chosen_images_reproducibly():
     model = tiny_model()
     images, labels = pixel_batch()
     regularizer = AdversarialTraining(attack="fgsm", eps=EPS, random_start=False, adv_fraction=0.5, seed=2)
-    first, logs = regularizer.prepare_inputs(fake_module(model, step=7), images, labels)
+    first, _, logs = regularizer.transform_inputs(fake_module(model, step=7), images, labels)
     changed = (first != images).flatten(1).any(1)
     assert torch.bincount(labels[changed], minlength=4).tolist() == [1, 1, 1, 1]
     assert float(logs["adv_fraction"]) == 0.5
-    again, _ = regularizer.prepare_inputs(fake_module(model, step=7), images, labels)
+    again, _, _ = regularizer.transform_inputs(fake_module(model, step=7), images, labels)
     assert torch.equal(first, again)
-    unchanged, logs = AdversarialTraining(adv_fraction=0.0).prepare_inputs(fake_module(model), images, labels)
+    unchanged, _, logs = AdversarialTraining(adv_fraction=0.0).transform_inputs(
+        fake_module(model), images, labels
+    )
     assert unchanged is images and logs == {"adv_fraction": 0.0}
 
 
@@ -170,8 +172,7 @@ def test_attack_defaults_and_errors():
         build_attack("fgsm", eps=0.1, steps=3)
     with pytest.raises(ConfigError, match="unknown attack"):
         build_attack("cw", eps=0.1)
-    with pytest.raises(ConfigError, match="adv_fraction"):
-        AdversarialTraining(adv_fraction=1.5)
+    assert not AdversarialTraining.OPTION_RULES["adv_fraction"].accepts(1.5)  # checked before any work
 
 
 def test_trains_end_to_end_and_logs(tiny_config):

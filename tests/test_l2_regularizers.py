@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from reidreg.models import ReIDModel, ResNetBackbone
+from reidreg.regularizers import StepContext
 from reidreg.regularizers.adaptive_l2 import AdaptiveL2, hard_sigmoid
 from reidreg.regularizers.constant_l2 import ConstantL2
 from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets
@@ -52,10 +53,14 @@ def attached(regularizer, model: nn.Module):
 
 
 def hook_module(model: nn.Module, global_step: int = 0, run_dir=None) -> SimpleNamespace:
-    """The parts of ReIDModule that the L2 regularizers' hooks use."""
+    """The parts of ReIDModule that ``on_train_end`` uses."""
     return SimpleNamespace(
         model=model, global_step=global_step, run_dir=run_dir, log_image=lambda *args, **kwargs: None
     )
+
+
+def context(model: nn.Module, global_step: int = 0) -> StepContext:
+    return StepContext(model, loss=None, global_step=global_step)
 
 
 def direct_squared_norms(model: nn.Module, names: list[str]) -> torch.Tensor:
@@ -125,10 +130,9 @@ def test_constant_l2_value_and_gradient_eq3():
     with torch.no_grad():
         net[1].bias.zero_()  # a zero tensor (BN β at init): gradient 0, not NaN
     regularizer = attached(ConstantL2(lam=lam), net)
-    terms = regularizer.loss_terms(SimpleNamespace(model=net))
+    terms = regularizer.transform_gradients(context(net), optimizer=None)  # into .grad, before the step
     expected = lam * sum((p.detach() ** 2).sum() for p in net.parameters())
     torch.testing.assert_close(terms["penalty"], expected)
-    terms["penalty"].backward()
     for p in net.parameters():
         torch.testing.assert_close(p.grad, 2 * lam * p.detach())
 
@@ -160,7 +164,7 @@ def test_decoupled_mode_with_adam_equals_adamw_step_for_step():
             optimizer.zero_grad(set_to_none=True)
             net(images).square().mean().backward()
         expected_penalty = lam * direct_squared_norms(net_a, regularizer.target_names).sum()
-        logs = regularizer.on_before_optimizer_step(hook_module(net_a), adam)
+        logs = regularizer.transform_gradients(context(net_a), adam)
         torch.testing.assert_close(logs["penalty"], expected_penalty)
         adam.step()
         adamw.step()
@@ -206,9 +210,8 @@ def test_penalty_eq8_value_and_gradients_in_theta_and_w():
     values = [-3.0, -2.4, -1.0, 0.0, 0.3, 1.7, 2.4, 3.5]  # two outside (−c, c), six inside
     set_thetas(regularizer, values)
     norms = direct_squared_norms(net, regularizer.target_names)
-    penalty = regularizer.loss_terms(SimpleNamespace(model=net))["penalty"]
+    penalty = regularizer.transform_gradients(context(net), optimizer=None)["penalty"]  # into .grad
     torch.testing.assert_close(penalty, sum(A * paper_f(v) * n for v, n in zip(values, norms, strict=True)))
-    penalty.backward()
     for value, norm, theta in zip(values, norms, regularizer.theta, strict=True):
         expected = A / (2 * C) * norm if -C < value < C else torch.tensor(0.0)
         torch.testing.assert_close(theta.grad, expected)  # ∂L/∂θₙ = A/(2c)·‖wₙ‖² inside, 0 outside
@@ -225,7 +228,7 @@ def test_adam_step_moves_theta_down_by_lr_and_leaves_zero_norm_tensors():
     regularizer = attached(AdaptiveL2(), net)
     lr = 1e-3
     optimizer = torch.optim.Adam([*net.parameters(), *regularizer.parameters()], lr=lr)
-    regularizer.loss_terms(SimpleNamespace(model=net))["penalty"].backward()
+    regularizer.transform_gradients(context(net), optimizer)
     optimizer.step()
     moved = torch.full((8,), -lr)
     moved[regularizer.target_names.index("5.bias")] = 0.0
@@ -238,9 +241,8 @@ def test_frozen_tensors_are_left_out_unless_include_frozen():
     net[0].weight.requires_grad_(False)
     regularizer = attached(AdaptiveL2(), net)
     norms = direct_squared_norms(net, regularizer.target_names)
-    penalty = regularizer.penalty(net)
+    penalty = regularizer.transform_gradients(context(net), optimizer=None)["penalty"]
     torch.testing.assert_close(penalty, A / 2 * norms[1:].sum())
-    penalty.backward()
     assert regularizer.theta[0].grad is None  # Adam skips it, as it skips the frozen weight
     assert regularizer.theta[1].grad is not None
     including = attached(AdaptiveL2(include_frozen=True), net)
@@ -256,7 +258,8 @@ def test_lambda_median_logging_and_history_eq7():
     categories = np.array(regularizer.target_categories)
     logged = {}
     for step in range(7):
-        logged[step] = regularizer.on_before_optimizer_step(hook_module(net, step), optimizer=None)
+        logs = regularizer.transform_gradients(context(net, step), optimizer=None)
+        logged[step] = {key: value for key, value in logs.items() if key.startswith("lambda_median/")}
     assert [step for step, logs in logged.items() if logs] == [2, 5]  # Lightning writes at (step+1) % n == 0
     expected = {
         c: float(np.median(lambdas[categories == c])) for c in dict.fromkeys(regularizer.target_categories)
@@ -273,7 +276,7 @@ def test_history_and_theta_round_trip_through_state_dict():
     regularizer = attached(AdaptiveL2(log_every_n_steps=1), net)
     set_thetas(regularizer, [float(v) for v in torch.linspace(-2, 2, 8)])
     for step in range(3):
-        regularizer.on_before_optimizer_step(hook_module(net, step), optimizer=None)
+        regularizer.transform_gradients(context(net, step), optimizer=None)
     restored = attached(AdaptiveL2(log_every_n_steps=1), net)
     restored.load_state_dict(regularizer.state_dict())
     assert torch.equal(restored.theta_vector(), regularizer.theta_vector())

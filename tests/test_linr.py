@@ -18,7 +18,7 @@ from torch import nn
 from reidreg.errors import ConfigError
 from reidreg.losses import ReIDLoss
 from reidreg.models import HeadOutput, ReIDModel, ResNetBackbone
-from reidreg.regularizers import TrainingPlan
+from reidreg.regularizers import StepContext, TrainingPlan
 from reidreg.regularizers.linr import LinR, mixed_pair_kl, random_partner, scaled_input_kl
 from reidreg.train import train
 from reidreg.utils.config import register_resolvers
@@ -137,6 +137,7 @@ class FakeModule:
     """What LinR uses of ReIDModule: model, loss, epoch, optimizers, optimize, trainer.should_stop."""
 
     def __init__(self, regularizer: LinR, net: nn.Module | None = None) -> None:
+        self.regularizer = regularizer
         self.model = net or TwoHeadNet()
         self.loss = ReIDLoss()
         self.current_epoch, self.freeze_backbone_epochs = 0, 0
@@ -154,6 +155,19 @@ class FakeModule:
         loss.backward()
         optimizer.step()
         self.stepped.append(optimizer)
+
+    def step(self, batch: tuple) -> dict | None:
+        """A training step as TrainingStep runs it: LinR's phase step while it owns the step, else None."""
+        context = StepContext(
+            self.model,
+            self.loss,
+            epoch=self.current_epoch,
+            optimize=self.optimize,
+            stop=lambda: setattr(self.trainer, "should_stop", True),
+        )
+        if not self.regularizer.owns_step(context):
+            return None
+        return self.regularizer.phase_step(context, *batch)
 
 
 def _batch(batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,9 +238,9 @@ def test_phases_alternate_with_their_own_optimizers_then_training_stops():
     module = FakeModule(regularizer)
     main, cls_opt, linr_opt = module.all_optimizers
     phases = []
-    for batch_idx in range(10):
+    for _ in range(10):
         assert not module.trainer.should_stop
-        logs = regularizer.training_step(module, _batch(), batch_idx)
+        logs = module.step(_batch())
         phases.append(int(logs["phase"]))
         assert ("ce" in logs) == (logs["phase"] == 0) and ("kl" in logs) == (logs["phase"] == 1)
     assert phases == [0, 0, 1, 1, 1] * 2
@@ -234,7 +248,7 @@ def test_phases_alternate_with_their_own_optimizers_then_training_stops():
     assert main not in module.stepped
     assert module.trainer.should_stop  # Algorithm 1 line 8 after T rounds
     weights = [p.detach().clone() for p in module.model.parameters()]
-    assert regularizer.training_step(module, _batch(), 10) == {}  # done: no further update
+    assert module.step(_batch()) == {}  # done: no further update
     assert len(module.stepped) == 10
     assert all(torch.equal(w, p) for w, p in zip(weights, module.model.parameters(), strict=True))
 
@@ -256,8 +270,8 @@ def test_linrnl_uses_no_classification_phase_and_no_labels():
     regularizer = LinR(variant="linrnl", rounds=1, cls_steps=5, linr_steps=3)
     module = FakeModule(regularizer)
     images, _ = _batch()
-    for batch_idx in range(3):
-        assert regularizer.training_step(module, (images, None), batch_idx)["phase"] == 1
+    for _ in range(3):
+        assert module.step((images, None))["phase"] == 1
     assert module.stepped == [module.all_optimizers[2]] * 3 and module.trainer.should_stop
 
 
@@ -266,22 +280,22 @@ def test_start_epoch_keeps_standard_training_until_then():
     module = FakeModule(regularizer)
     for epoch in (0, 1):
         module.current_epoch = epoch
-        assert regularizer.training_step(module, _batch(), 0) is None
+        assert module.step(_batch()) is None
     module.current_epoch = 2
-    assert regularizer.training_step(module, _batch(), 0)["phase"] == 0
+    assert module.step(_batch())["phase"] == 0
     assert int(regularizer.steps_done) == 1
 
 
 def test_resumed_state_continues_in_the_same_phase_with_the_same_draws():
     first = LinR(rounds=2, cls_steps=1, linr_steps=2, seed=3)
     module = FakeModule(first)
-    for batch_idx in range(2):
-        first.training_step(module, _batch(), batch_idx)
+    for _ in range(2):
+        module.step(_batch())
     resumed = LinR(rounds=2, cls_steps=1, linr_steps=2, seed=3)
     resumed.load_state_dict(first.state_dict())  # steps_done travels in the checkpoint
     assert int(resumed.steps_done) == 2
     images = _batch()[0]
-    logs = [r.training_step(FakeModule(r, TwoHeadNet()), (images, None), 2) for r in (first, resumed)]
+    logs = [FakeModule(r, TwoHeadNet()).step((images, None)) for r in (first, resumed)]
     assert logs[0]["phase"] == logs[1]["phase"] == 1 and logs[0]["round"] == 0
     assert logs[0]["a"] == logs[1]["a"]
 
@@ -335,10 +349,9 @@ def test_init_from_errors_name_the_option_and_the_path(tmp_path):
 def test_invalid_options_are_refused():
     with pytest.raises(ConfigError, match="not both"):
         LinR(init_from="x.ckpt", start_epoch=3)
-    with pytest.raises(ConfigError, match="variant"):
-        LinR(variant="linrx")
-    with pytest.raises(ConfigError, match="cls_loss"):
-        LinR(cls_loss="focal")
+    # checked before any work by reidreg.validation:
+    assert not LinR.OPTION_RULES["variant"].accepts("linrx")
+    assert not LinR.OPTION_RULES["cls_loss"].accepts("focal")
     regularizer = LinR(start_epoch=5)
     with pytest.raises(ConfigError, match="freeze_backbone_epochs"):
         regularizer.attach(SimpleNamespace(freeze_backbone_epochs=10))
@@ -545,8 +558,7 @@ def test_bn_mode_eval_is_eq7_on_the_network_with_running_statistics_value_and_gr
 
 
 def test_invalid_bn_mode_is_refused():
-    with pytest.raises(ConfigError, match=r"bn_mode.*'batch'"):
-        LinR(bn_mode="batch")
+    assert not LinR.OPTION_RULES["bn_mode"].accepts("batch")  # checked before any work
 
 
 # ---------------------------------------------------------------------------------------------- cls_loss
@@ -689,13 +701,13 @@ def test_linr_end_of_the_studies_passes_the_checks(wandb):
 def test_end_of_run_warning_only_when_the_run_stopped_before_refinement_did(caplog):
     regularizer = LinR(rounds=1, cls_steps=1, linr_steps=2)
     module = FakeModule(regularizer)
-    regularizer.training_step(module, _batch(), 0)
+    module.step(_batch())
     with caplog.at_level("WARNING", logger="reidreg.regularizers.linr"):
         regularizer.on_train_end(module)  # e.g. trainer.max_steps stopped the run after 1 of 3 steps
     assert "LinR stopped after 1 of 3 steps" in caplog.text
     caplog.clear()
-    for batch_idx in (1, 2):
-        regularizer.training_step(module, _batch(), batch_idx)
+    for _ in (1, 2):
+        module.step(_batch())
     with caplog.at_level("WARNING", logger="reidreg.regularizers.linr"):
         regularizer.on_train_end(module)
     assert "LinR stopped" not in caplog.text
@@ -708,7 +720,7 @@ def test_steps_read_no_tensor_value_on_the_host(variant, bn_mode):
     regularizer = LinR(variant=variant, bn_mode=bn_mode, rounds=2, cls_steps=1, linr_steps=1)
     module = FakeModule(regularizer)
     with HostReads() as reads:
-        logs = [regularizer.training_step(module, _batch(), i) for i in range(regularizer.total_steps)]
+        logs = [module.step(_batch()) for _ in range(regularizer.total_steps)]
     assert reads.ops == []
     assert [log["phase"] for log in logs] == ([1.0] * 2 if variant == "linrnl" else [0.0, 1.0] * 2)
     assert module.trainer.should_stop
@@ -718,14 +730,14 @@ def test_the_step_counter_is_a_python_int_mirrored_in_the_checkpointed_buffer():
     first = LinR(rounds=2, cls_steps=1, linr_steps=2)
     module = FakeModule(first)
     for batch_idx in range(4):
-        first.training_step(module, _batch(), batch_idx)
+        module.step(_batch())
         assert first.step_count == int(first.steps_done) == batch_idx + 1
     resumed = LinR(rounds=2, cls_steps=1, linr_steps=2)
     assert resumed.step_count == 0
     holder = nn.ModuleDict({"linr": resumed})  # loaded as a submodule, as ReIDModule's checkpoint does
     holder.load_state_dict(nn.ModuleDict({"linr": first}).state_dict())
     assert resumed.step_count == 4
-    assert resumed.training_step(FakeModule(resumed), _batch(), 0)["round"] == 1.0
+    assert FakeModule(resumed).step(_batch())["round"] == 1.0
     assert resumed.step_count == int(resumed.steps_done) == 5
 
 

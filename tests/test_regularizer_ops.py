@@ -1,14 +1,13 @@
-"""Regularizers at a per-step cost independent of the number of tensors (issue 10).
+"""Regularizers at a per-step cost independent of the number of tensors.
 
-Two parts: (1) deterministic operator counts of a real training step — the CPU proxy for the host work of a
-launch-bound GPU step (``reidreg.utils.op_count``); (2) the fused gradients of the L2 penalties, which
-bypass autograd's per-tensor accumulation, against plain autograd of the equations (paper 000 eqs. 3, 8),
-and SGP's one-draw parameter noise against its equation.
+Two parts: (1) deterministic operator counts of the real training step (``TrainingStep``) — the CPU proxy
+for the host work of a launch-bound GPU step (``reidreg.utils.op_count``); (2) the L2 penalties' gradient
+transforms against plain autograd of the equations (AdaptiveReID eqs. 3, 8), and SGP's one-draw parameter
+noise against its equation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from types import SimpleNamespace
 
@@ -18,14 +17,14 @@ from torch import nn
 
 from reidreg.losses import ReIDLoss
 from reidreg.models import ReIDModel, ResNetBackbone
-from reidreg.regularizers import build_regularizers
+from reidreg.regularizers import StepContext, build_regularizers
 from reidreg.regularizers.adaptive_l2 import AdaptiveL2, hard_sigmoid
 from reidreg.regularizers.constant_l2 import ConstantL2
 from reidreg.regularizers.foreach import FlatViews, ParameterLookup
 from reidreg.regularizers.random_streams import step_generator
 from reidreg.regularizers.sgp import SGP
 from reidreg.training.module import ReIDModule
-from reidreg.utils.op_count import OpCounter, standard_step_to_backward
+from reidreg.utils.op_count import OpCounter, count_step
 
 A, C = 0.005, 2.5
 
@@ -55,8 +54,8 @@ def reid_module(network: dict, regularizer: str | None) -> ReIDModule:
 
 
 class CountedStep:
-    """ReIDModule's standard step, driven by hand in its order of hooks, with its operators counted:
-    ``outside`` = everything but the optimizer step, ``optimizer`` = Adam(foreach) ``step()``."""
+    """ReIDModule's training step run without a Trainer, its operators counted: ``outside`` = everything
+    but the optimizer step, ``optimizer`` = Adam(foreach) ``step()``."""
 
     def __init__(self, module: ReIDModule) -> None:
         self.module = module
@@ -66,12 +65,15 @@ class CountedStep:
         self.labels = torch.arange(4).repeat_interleave(2)
 
     def __call__(self, *, count: bool = False) -> None:
-        module, images, labels = self.module, self.images, self.labels
-        with OpCounter() if count else contextlib.nullcontext() as outside:
-            standard_step_to_backward(module, images, labels, self.optimizer)
-        with OpCounter() if count else contextlib.nullcontext() as optimizer:
-            self.optimizer.step()
-        self.outside, self.optimizer_ops = outside, optimizer
+        module = self.module
+
+        def step() -> None:
+            module.step(StepContext(module.model, module.loss), self.images, self.labels, self.optimizer)
+
+        if count:
+            self.outside, self.optimizer_ops = count_step(step, self.optimizer)
+        else:
+            step()
 
 
 def counted(network: dict, regularizer: str | None) -> CountedStep:
@@ -194,13 +196,32 @@ CASES = {
 }
 
 
-def run_backward(net, penalty_fn, *, task: bool, scale: float, earlier_grads: bool) -> torch.Tensor:
+def unscale(net: nn.Module, scale: float) -> None:
+    """What GradScaler.unscale_ does before the gradient transforms."""
+    for p in net.parameters():
+        if p.grad is not None:
+            p.grad.div_(scale)
+
+
+def run_reference(net, penalty_fn, *, task: bool, scale: float, earlier_grads: bool) -> torch.Tensor:
+    """Autograd of penalty (+ task loss), the loss scaled as by GradScaler, then unscaled."""
     if earlier_grads:  # a gradient from an earlier backward (accumulation) is added to, not replaced
         task_loss(net).backward()
     penalty = penalty_fn()
     loss = penalty + (task_loss(net) if task else 0.0)
     (loss * scale).backward()
+    unscale(net, scale)
     return penalty.detach()
+
+
+def run_transform(net, regularizer, *, task: bool, scale: float, earlier_grads: bool) -> torch.Tensor:
+    """The step's order: backward of the (scaled) task loss, unscaling, then the gradient transform."""
+    if earlier_grads:
+        task_loss(net).backward()
+    if task:
+        (task_loss(net) * scale).backward()
+    unscale(net, scale)
+    return regularizer.transform_gradients(StepContext(net, loss=None), optimizer=None)["penalty"]
 
 
 @pytest.mark.parametrize("earlier_grads", [False, True])
@@ -212,11 +233,10 @@ def test_constant_l2_fused_gradient_equals_autograd_of_eq3(case, earlier_grads):
         net[3].weight.requires_grad_(False)
         reference[3].weight.requires_grad_(False)
     regularizer = attached(ConstantL2(lam=lam), net)
-    run = functools.partial(
-        run_backward, task=options["task"], scale=options["scale"], earlier_grads=earlier_grads
-    )
-    value = run(net, lambda: regularizer.penalty(net))
-    expected_value = run(reference, lambda: lam * sum(p.square().sum() for p in reference.parameters()))
+    kwargs = dict(task=options["task"], scale=options["scale"], earlier_grads=earlier_grads)
+    value = run_transform(net, regularizer, **kwargs)
+    penalty = lambda: lam * sum(p.square().sum() for p in reference.parameters())  # noqa: E731
+    expected_value = run_reference(reference, penalty, **kwargs)
     torch.testing.assert_close(value, expected_value)
     assert_same_grads(grads(net.parameters()), grads(reference.parameters()))
     if options["frozen"]:
@@ -251,13 +271,14 @@ def test_adaptive_l2_fused_gradients_equal_autograd_of_eq8(case, earlier_grads, 
     with torch.no_grad():
         for theta, value in zip(regularizer.theta, values, strict=True):
             theta.fill_(value)
-    run = functools.partial(
-        run_backward, task=options["task"], scale=options["scale"], earlier_grads=earlier_grads
+    kwargs = dict(task=options["task"], scale=options["scale"], earlier_grads=earlier_grads)
+    value = run_transform(net, regularizer, **kwargs)
+    expected_value = run_reference(
+        reference, lambda: reference_adaptive_penalty(reference, reference_thetas, include_frozen), **kwargs
     )
-    value = run(net, lambda: regularizer.penalty(net))
-    expected_value = run(
-        reference, lambda: reference_adaptive_penalty(reference, reference_thetas, include_frozen)
-    )
+    for theta in reference_thetas:  # unscaled like the network's gradients
+        if theta.grad is not None:
+            theta.grad.div_(options["scale"])
     torch.testing.assert_close(value, expected_value)
     assert_same_grads(grads(net.parameters()), grads(reference.parameters()))
     # θ of a left-out frozen tensor: no gradient, so Adam leaves it and its state untouched.
@@ -332,9 +353,10 @@ def test_sgp_parameter_noise_is_one_draw_split_in_optimizer_order():
     sgp = SGP(sigma=0.6, sites=[], param_grads=True, seed=11)
     module = SimpleNamespace(model=net, global_step=4)
     sgp.attach(module)
-    sgp.on_train_batch_start(module, 0)
+    context = StepContext(net, loss=None, global_step=4)
+    sgp.on_step_start(context)
     order = [net[1].weight, net[0].bias, net[0].weight, net[1].bias]  # the optimizer's, not the model's
-    logs = sgp.on_before_optimizer_step(module, torch.optim.SGD([{"params": order}], lr=0.1))
+    logs = sgp.transform_gradients(context, torch.optim.SGD([{"params": order}], lr=0.1))
 
     generator = step_generator(11, 4)
     torch.rand((), generator=generator)
@@ -353,7 +375,8 @@ def test_sgp_parameter_noise_is_one_draw_split_in_optimizer_order():
 
 # ----------------------------------------------------------------------------------------------- DDP
 class PenalisedNet(nn.Module):
-    """A network and both L2 penalties as one DDP module (θ are its parameters, as in ReIDModule)."""
+    """A network and both L2 penalties as one DDP module (θ are its parameters, as in ReIDModule, and DDP
+    ignores them, as ReIDModule tells it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -363,10 +386,15 @@ class PenalisedNet(nn.Module):
         with torch.no_grad():
             for theta, value in zip(self.adaptive.theta, THETAS, strict=False):
                 theta.fill_(value)
+        ignored = [f"adaptive.{name}" for name in self.adaptive.ddp_ignored_parameters()]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
 
-    def forward(self, images: torch.Tensor | None) -> torch.Tensor:
-        penalties = self.adaptive.penalty(self.net) + self.constant.penalty(self.net)
-        return penalties if images is None else self.net(images).square().mean() + penalties
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).square().mean()
+
+    def transform_gradients(self) -> None:
+        for regularizer in (self.adaptive, self.constant):
+            regularizer.transform_gradients(StepContext(self.net, loss=None), optimizer=None)
 
 
 def rank_images(rank: int) -> torch.Tensor:
@@ -390,6 +418,7 @@ def ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None
             for _ in range(2):  # DDP fails in the second step if a parameter's hook did not fire
                 ddp.zero_grad(set_to_none=True)
                 ddp(rank_images(rank)).backward()
+                module.transform_gradients()
             results[find_unused, bucket_view] = {n: p.grad.clone() for n, p in module.named_parameters()}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -411,8 +440,8 @@ def test_ddp_gradients_count_the_penalty_once_on_every_rank(tmp_path):
         for name, p in module.named_parameters():
             if p.grad is not None:
                 expected[name] = expected.get(name, 0) + p.grad / world_size
-    penalties = PenalisedNet()
-    penalties(None).backward()
+    penalties = PenalisedNet()  # autograd of the penalties' equations
+    (penalties.adaptive.penalty(penalties.net) + penalties.constant.penalty(penalties.net)).backward()
     for name, p in penalties.named_parameters():
         expected[name] = expected.get(name, 0) + p.grad
     for rank in range(world_size):

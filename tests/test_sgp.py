@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from reidreg.attacks import build_attack
 from reidreg.errors import ConfigError
 from reidreg.losses import ReIDLoss
 from reidreg.models import ReIDModel, ResNetBackbone
+from reidreg.regularizers import StepContext
 from reidreg.regularizers.random_streams import step_generator
 from reidreg.regularizers.sgp import SGP, SITES
 
@@ -31,9 +31,9 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, 64, 32, generator=generator), torch.arange(4).repeat_interleave(2)
 
 
-def fake_module(model: ReIDModel, step: int = 0) -> SimpleNamespace:
-    """What SGP reads from the LightningModule: the network and the global step."""
-    return SimpleNamespace(model=model, loss=ReIDLoss(), global_step=step)
+def fake_module(model: ReIDModel, step: int = 0, stage: str = "task") -> StepContext:
+    """The step context SGP reads (the network, the global step, the step's stage); also what attach uses."""
+    return StepContext(model, ReIDLoss(), global_step=step, stage=stage)
 
 
 def stage(model: ReIDModel, site: str) -> torch.nn.Module:
@@ -85,7 +85,7 @@ def test_feature_noise_is_sigma_times_gradient_rms(sigma):
     module = fake_module(model, step=5)
     sgp.attach(module)
     after = StageSpy(model)  # registered after SGP: sees the perturbed gradient
-    sgp.on_train_batch_start(module, 0)
+    sgp.on_step_start(module)
     backward(model, images, labels)
     g, perturbed = before.grads["block4"], after.grads["block4"]
     noise = perturbed - g
@@ -97,7 +97,7 @@ def test_feature_noise_is_sigma_times_gradient_rms(sigma):
     # And its statistics: zero mean, RMS ratio σ (12,288 entries: ~1% sampling error).
     assert abs(noise.double().mean()) < 5 * sigma * rms(g) / g.numel() ** 0.5
     assert rms(noise) / rms(g) == pytest.approx(sigma, rel=0.05)
-    logs = sgp.on_before_optimizer_step(module, torch.optim.SGD(model.parameters(), lr=0.1))
+    logs = sgp.transform_gradients(module, torch.optim.SGD(model.parameters(), lr=0.1))
     assert logs["active"] == 1.0
     assert float(logs["noise_ratio/block4"]) == pytest.approx(float(rms(noise) / rms(g)), rel=1e-4)
     assert set(logs) == {"active", "noise_ratio/block4"}
@@ -111,7 +111,7 @@ def test_per_sample_rms_scales_each_sample_by_its_own_gradient():
     module = fake_module(model, step=2)
     sgp.attach(module)
     after = StageSpy(model)
-    sgp.on_train_batch_start(module, 0)
+    sgp.on_step_start(module)
     backward(model, images, labels)
     g = before.grads["block4"]
     noise = after.grads["block4"] - g
@@ -136,7 +136,7 @@ def test_noise_enters_only_at_the_configured_sites():
     module = fake_module(model)
     sgp.attach(module)
     observed = StageSpy(model)
-    sgp.on_train_batch_start(module, 0)
+    sgp.on_step_start(module)
     backward(model, images, labels)
     observed.remove()
     sgp.remove_hooks()
@@ -185,8 +185,8 @@ def test_eval_mode_draw_off_and_removed_hooks_leave_gradients_exact():
     on = SGP(sigma=1.0, p=1.0, sites=["block4"], seed=SEED)
     module = fake_module(model)
     on.attach(module)
-    on.on_train_batch_start(module, 0)
-    assert on.on_before_optimizer_step(module, torch.optim.SGD(model.parameters(), lr=0.1))["active"] == 1.0
+    on.on_step_start(module)
+    assert on.transform_gradients(module, torch.optim.SGD(model.parameters(), lr=0.1))["active"] == 1.0
     assert not torch.equal(grads_with(on, train=True)["block3"], clean["block3"])  # the test can fail
     eval_grads = grads_with(on, train=False)  # eval mode: no perturbation (BN differs, so compare ratios)
     on.remove_hooks()
@@ -197,12 +197,10 @@ def test_eval_mode_draw_off_and_removed_hooks_leave_gradients_exact():
 
     off = SGP(sigma=1.0, p=0.0, sites=["block4"], seed=SEED)
     off.attach(module)
-    off.on_train_batch_start(module, 0)
+    off.on_step_start(module)
     for site, grad in grads_with(off, train=True).items():
         torch.testing.assert_close(grad, clean[site], msg=site)
-    assert off.on_before_optimizer_step(module, torch.optim.SGD(model.parameters(), lr=0.1)) == {
-        "active": 0.0
-    }
+    assert off.transform_gradients(module, torch.optim.SGD(model.parameters(), lr=0.1)) == {"active": 0.0}
 
 
 def test_probability_p_per_step_and_reproducible_draws():
@@ -212,7 +210,7 @@ def test_probability_p_per_step_and_reproducible_draws():
         sgp = SGP(sigma=1.0, p=p, sites=["block4"], seed=seed)
         result = []
         for step in range(400):
-            sgp.on_train_batch_start(fake_module(model, step), step)
+            sgp.on_step_start(fake_module(model, step))
             result.append(sgp._active)
         return result
 
@@ -234,8 +232,8 @@ def test_parameter_gradient_noise_after_backward_network_only():
     sgp = SGP(sigma=0.4, sites=[], param_grads=True, seed=SEED)
     module = fake_module(model, step=9)
     sgp.attach(module)
-    sgp.on_train_batch_start(module, 0)
-    logs = sgp.on_before_optimizer_step(module, optimizer)
+    sgp.on_step_start(module)
+    logs = sgp.transform_gradients(module, optimizer)
 
     generator = step_generator(SEED, 9)
     torch.rand((), generator=generator)
@@ -264,11 +262,11 @@ def train_steps(sgp: SGP | None, steps: int = 2) -> dict[str, torch.Tensor]:
         module = fake_module(model, step)
         images, labels = batch(step)
         if sgp is not None:
-            sgp.on_train_batch_start(module, step)
+            sgp.on_step_start(module)
         optimizer.zero_grad()
         backward(model, images, labels)
         if sgp is not None:
-            sgp.on_before_optimizer_step(module, optimizer)
+            sgp.transform_gradients(module, optimizer)
         optimizer.step()
     return copy.deepcopy(model.state_dict())
 
@@ -294,12 +292,12 @@ def test_loss_scaling_cancels_exactly():
         sgp = SGP(sigma=0.5, sites=["block2", "block4"], param_grads=True, seed=SEED)
         module = fake_module(model, step=4)
         sgp.attach(module)
-        sgp.on_train_batch_start(module, 0)
+        sgp.on_step_start(module)
         backward(model, images, labels, scale=scale)
         for param in model.parameters():  # what GradScaler.unscale_ does before on_before_optimizer_step
             if param.grad is not None:
                 param.grad.div_(scale)
-        sgp.on_before_optimizer_step(module, torch.optim.SGD(model.parameters(), lr=0.1))
+        sgp.transform_gradients(module, torch.optim.SGD(model.parameters(), lr=0.1))
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     unscaled, scaled = perturbed_grads(1.0), perturbed_grads(2.0**12)
@@ -314,7 +312,7 @@ def test_bfloat16_autocast_gradients_get_relative_noise():
     module = fake_module(model)
     sgp.attach(module)
     after = StageSpy(model)
-    sgp.on_train_batch_start(module, 0)
+    sgp.on_step_start(module)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = ReIDLoss()(model(images), labels)["total"]
     loss.backward()
@@ -334,13 +332,13 @@ def test_float16_gradscaler_path_matches_float32():
         sgp = SGP(sigma=0.5, sites=["block4"], param_grads=True, seed=SEED)
         module = fake_module(model)
         sgp.attach(module)
-        sgp.on_train_batch_start(module, 0)
+        sgp.on_step_start(module)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, enabled=precision is not None)
         with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
             loss = ReIDLoss()(model(images), labels)["total"]
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        logs = sgp.on_before_optimizer_step(module, optimizer)
+        logs = sgp.transform_gradients(module, optimizer)
         assert float(logs["noise_ratio/block4"]) == pytest.approx(0.5, rel=0.05)
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
@@ -353,25 +351,22 @@ def test_attack_gradients_are_not_perturbed():
     model = tiny_model()
     images, labels = batch()
     sgp = SGP(sigma=1.0, sites=["block4"], seed=SEED)
-    module = fake_module(model)
+    module = fake_module(model, stage="inputs")  # an input transform's passes, as adversarial training's
     sgp.attach(module)
-    sgp.on_train_batch_start(module, 0)
+    sgp.on_step_start(module)
     attack = build_attack("fgsm", eps=4 / 255)
 
     def task_loss(x: torch.Tensor) -> torch.Tensor:
         return ReIDLoss()(model(x), labels)["total"]
 
     adversarial = attack.perturb(task_loss, images)
-    assert "noise_ratio/block4" not in sgp.on_before_optimizer_step(
-        module, torch.optim.SGD(model.parameters())
-    )
+    assert "noise_ratio/block4" not in sgp.transform_gradients(module, torch.optim.SGD(model.parameters()))
     sgp.remove_hooks()
     torch.testing.assert_close(adversarial, attack.perturb(task_loss, images))
 
 
 def test_invalid_options_are_clear_errors():
-    with pytest.raises(ConfigError, match="block6"):
-        SGP(sites=["block6"])
+    assert not SGP.OPTION_RULES["sites"].accepts(["block6"])  # checked before any work by reidreg.validation
     with pytest.raises(ConfigError, match="perturbs nothing"):
         SGP(sites=[], param_grads=False)
     with pytest.raises(ConfigError, match="regional_block5"):

@@ -17,7 +17,7 @@ from torch import nn
 from reidreg.errors import ConfigError
 from reidreg.losses import ReIDLoss
 from reidreg.models import HeadOutput, ReIDModel, ResNetBackbone
-from reidreg.regularizers import TrainStep, build_regularizers
+from reidreg.regularizers import StepContext, TrainStep, build_regularizers
 from reidreg.regularizers.sgsl import SGSL, stop_gradient_softmax_loss
 from tests.host_reads import HostReads
 
@@ -55,21 +55,30 @@ def tensors():
     return features, classifier, torch.tensor(LABELS)
 
 
+STEPS: list[TrainStep] = []  # the fake steps made so far (the latest one's context holds its logs)
+
+
 def fake_step(features, classifier, labels, *, ce: float = 1.0, head: str = "global") -> TrainStep:
     """A TrainStep for one objective module whose BN output is ``features``."""
     model = SimpleNamespace(
         objective_modules={head: SimpleNamespace(classifier=classifier)}, head_names=[head]
     )
     output = HeadOutput(embedding=features, bn_feature=features, logits=classifier(features))
-    return TrainStep(
-        model=model,
-        images=torch.empty(0),
-        labels=labels,
-        outputs={head: output},
-        task_losses={f"{head}/ce": torch.tensor(ce)},
-        global_step=0,
-        epoch=0,
+    STEPS.append(
+        TrainStep(
+            context=StepContext(model, loss=None),
+            images=torch.empty(0),
+            labels=labels,
+            outputs={head: output},
+            task_losses={f"{head}/ce": torch.tensor(ce)},
+        )
     )
+    return STEPS[-1]
+
+
+def last_step_logs() -> dict:
+    """What the latest fake step logged for the regularizer (``reg/<name>/`` removed)."""
+    return {key.split("/", 2)[2]: value for key, value in STEPS[-1].context.logs.items()}
 
 
 # ---------------------------------------------------------------------------------------- values (eq. 6)
@@ -126,7 +135,7 @@ def test_in_a_real_model_the_classifiers_are_trained_by_ce_alone():
     images, labels = torch.randn(8, 3, 64, 32), torch.tensor([0, 0, 1, 1, 2, 2, 4, 4])
     outputs = model(images)
     task_losses = ReIDLoss(triplet=False)(outputs, labels)
-    step = TrainStep(model, images, labels, outputs, task_losses, global_step=0, epoch=0)
+    step = TrainStep(StepContext(model, ReIDLoss(triplet=False)), images, labels, outputs, task_losses)
     terms = SGSL(ce_gate=None).loss_terms(step)
     assert set(terms) == {"global/sgsl", "stripe1/sgsl", "stripe2/sgsl"}
 
@@ -150,7 +159,7 @@ def test_gate_closes_above_the_ce_threshold_and_opens_at_or_below_it():
     sgsl = SGSL(ce_gate=3.0, beta=1.0)
 
     closed = sgsl.loss_terms(fake_step(features, classifier, labels, ce=3.2))["global/sgsl"]
-    logs = sgsl.on_before_optimizer_step(None, None)
+    logs = last_step_logs()
     assert closed.item() == 0.0 and not closed.requires_grad  # nothing added, no graph: no gradient
     assert logs["global/gate_open"] == 0.0
     assert logs["global/l_sgsl"].item() == pytest.approx(expected, rel=1e-12)  # still logged
@@ -158,7 +167,7 @@ def test_gate_closes_above_the_ce_threshold_and_opens_at_or_below_it():
 
     for ce in (2.9, 3.0):  # official code: CE > 3 → CE alone, otherwise CE + SGSL
         opened = sgsl.loss_terms(fake_step(features, classifier, labels, ce=ce))["global/sgsl"]
-        logs = sgsl.on_before_optimizer_step(None, None)
+        logs = last_step_logs()
         assert opened.item() == pytest.approx(expected, rel=1e-12)
         assert logs["global/gate_open"] == 1.0
         (gradient,) = torch.autograd.grad(opened, features)
@@ -171,19 +180,19 @@ def test_gate_is_checked_every_batch_and_can_be_disabled():
     states = []
     for ce in (4.0, 2.0, 4.0):  # it closes again when CE rises (official code), not a one-way switch
         sgsl.loss_terms(fake_step(features, classifier, labels, ce=ce))
-        states.append(sgsl.on_before_optimizer_step(None, None)["global/gate_open"])
+        states.append(last_step_logs()["global/gate_open"])
     assert states == [0.0, 1.0, 0.0]
 
     always = SGSL(ce_gate=None).loss_terms(fake_step(features, classifier, labels, ce=100.0))["global/sgsl"]
     assert always.requires_grad and always.item() > 0
 
 
-def test_logs_are_handed_over_once_per_step():
+def test_logs_belong_to_their_step():
     features, classifier, labels = tensors()
     sgsl = SGSL()
     sgsl.loss_terms(fake_step(features, classifier, labels))
-    assert set(sgsl.on_before_optimizer_step(None, None)) == {"global/l_sgsl", "global/gate_open"}
-    assert sgsl.on_before_optimizer_step(None, None) == {}  # e.g. a second optimizer in the same step
+    assert set(last_step_logs()) == {"global/l_sgsl", "global/gate_open"}
+    assert fake_step(features, classifier, labels).context.logs == {}  # a new step starts with none
 
 
 # ---------------------------------------------------------------------------------------- γ and β
@@ -317,7 +326,8 @@ def test_end_to_end_sgsl_with_rbr(tiny_config):
 @pytest.mark.slow
 @pytest.mark.skipif(not ADAPTIVE_L2_YAML.exists(), reason="conf/regularizer/adaptive_l2.yaml not written yet")
 def test_end_to_end_sgsl_with_adaptive_l2(tiny_config):
-    rows = run(tiny_config, "regularizer=[adaptive_l2,sgsl]")
+    # The penalty as a loss term (its default is a gradient transform, not part of train/loss).
+    rows = run(tiny_config, "regularizer=[adaptive_l2,sgsl]", "regularizer.adaptive_l2.differentiable=true")
     check_training_rows(rows, other_terms=("reg/adaptive_l2/penalty",))
 
 
@@ -362,8 +372,7 @@ def test_feature_option_in_the_yaml_and_invalid_values_refused():
     assert compose_regularizers("regularizer=sgsl", "regularizer.sgsl.feature=embedding")["sgsl"].feature == (
         "embedding"
     )
-    with pytest.raises(ConfigError, match=r"feature.*'logits'"):
-        SGSL(feature="logits")
+    assert not SGSL.OPTION_RULES["feature"].accepts("logits")  # checked before any work
 
 
 def test_every_objective_module_adds_its_own_term_of_weight_beta():
@@ -400,7 +409,7 @@ def test_gated_step_reads_no_tensor_value_on_the_host(as_on_a_gpu, ce_gate):
         for ce in (2.0, 4.0):
             term = sgsl.loss_terms(fake_step(features, classifier, labels, ce=ce))["global/sgsl"]
             term.backward()
-            logs = sgsl.on_before_optimizer_step(None, None)
+            logs = last_step_logs()
     assert reads.ops == []
     if ce_gate is not None:  # logged as device tensors
         assert isinstance(logs["global/gate_open"], torch.Tensor)
@@ -412,7 +421,7 @@ def test_device_side_gate_adds_exactly_zero_and_no_gradient_when_closed(as_on_a_
     expected = eq6_reference(FEATURES, CLASS_WEIGHTS, LABELS, 30.0)
     sgsl = SGSL(ce_gate=3.0, beta=1.5)
     closed = sgsl.loss_terms(fake_step(features, classifier, labels, ce=3.2))["global/sgsl"]
-    logs = sgsl.on_before_optimizer_step(None, None)
+    logs = last_step_logs()
     assert closed.item() == 0.0 and logs["global/gate_open"].item() == 0.0
     assert logs["global/l_sgsl"].item() == pytest.approx(expected, rel=1e-12)
     (gradient,) = torch.autograd.grad(closed, features)
@@ -420,7 +429,7 @@ def test_device_side_gate_adds_exactly_zero_and_no_gradient_when_closed(as_on_a_
 
     opened = sgsl.loss_terms(fake_step(features, classifier, labels, ce=3.0))["global/sgsl"]
     assert opened.item() == pytest.approx(1.5 * expected, rel=1e-12)
-    assert sgsl.on_before_optimizer_step(None, None)["global/gate_open"].item() == 1.0
+    assert last_step_logs()["global/gate_open"].item() == 1.0
     (gradient,) = torch.autograd.grad(opened, features)
     reference = SGSL(ce_gate=None, beta=1.5).loss_terms(fake_step(features, classifier, labels))[
         "global/sgsl"
@@ -434,7 +443,7 @@ def test_closed_gate_passes_no_nan_from_a_non_finite_value(as_on_a_gpu):
         features[1, 0] = float("inf")  # L2-normalising an infinite feature gives NaN: L_SGSL is NaN
     sgsl = SGSL(ce_gate=3.0)
     closed = sgsl.loss_terms(fake_step(features, classifier, labels, ce=5.0))["global/sgsl"]
-    assert sgsl.on_before_optimizer_step(None, None)["global/l_sgsl"].isnan()
+    assert last_step_logs()["global/l_sgsl"].isnan()
     assert closed.item() == 0.0  # selected away, not multiplied by 0 (0·NaN = NaN)
     (gradient,) = torch.autograd.grad(closed, features)
     assert torch.equal(gradient, torch.zeros_like(features))

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from reidreg.regularizers.base import LogDict, Regularizer, TrainingPlan, TrainStep
+from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainingPlan, TrainStep
 from reidreg.utils.config import instantiate
 
-__all__ = ["LogDict", "Regularizer", "TrainStep", "TrainingPlan", "build_regularizers"]
+__all__ = ["LogDict", "Regularizer", "StepContext", "TrainStep", "TrainingPlan", "build_regularizers"]
 
 
 def build_regularizers(configs: Mapping[str, Any] | None) -> nn.ModuleDict:

@@ -1,56 +1,20 @@
-"""Adaptive L2 regularization, AdaptiveReID (paper 000 §III-C, eqs. 4–8; analysis §IV-E, Figs. 3–4).
+"""Adaptive L2 regularization: Σₙ λₙ‖wₙ‖² with λₙ = A·f(θₙ) and one trainable scalar θₙ per regularised
+tensor (Ni et al., "AdaptiveReID: Adaptive L2 Regularization in Person Re-Identification", ICPR 2020,
+eqs. 4–8; Figs. 3–4 as reports).
 
-Every regularised tensor wₙ gets its own factor λₙ = A·f(θₙ) (eq. 7) with a trainable scalar θₙ and the
-hard sigmoid of eq. 5 with c = 2.5:
+f is eq. 5's hard sigmoid with c = 2.5 (TF2's 0.2x + 0.5; torch's ``hardsigmoid`` has c = 3). The θₙ are
+``nn.Parameter`` s of the regularizer, trained and checkpointed with the network. As a gradient transform
+(default) it adds, before the optimizer step, in a few foreach operators and in the parameters' dtype:
 
-    f(x) = 0 if x < −c,   1 if x > c,   x/(2c) + 0.5 otherwise
+    ∂/∂wₙ = 2λₙwₙ (trainable wₙ),   ∂/∂θₙ = A·f'(θₙ)·‖wₙ‖²,  f' = 1/(2c) on [−c, c] (±c included), else 0.
 
-(TF2's 0.2x + 0.5; PyTorch's ``hardsigmoid`` uses c = 3, so it is written out here). The loss gets
-Σₙ λₙ ‖wₙ‖² (eq. 8). The θₙ are scalar ``nn.Parameter`` s of the regularizer (``theta[n]``), so the main
-optimizer trains them with the network (same Adam and lr schedule) and checkpoints save and restore them.
-
-What to expect (METHODS §3): ∂L/∂θₙ = A/(2c)·‖wₙ‖² ≥ 0 inside (−c, c), so Adam moves every θₙ down by
-about lr per step and λ decays over training (paper Fig. 3) until θₙ < −c, where λₙ = 0 and θₙ stops.
-This is recorded as it is, not corrected.
-
-Frozen tensors (``requires_grad=False``, e.g. the backbone in the head-only phase of the official recipe)
-are left out of the sum by default (``include_frozen=False``, our choice): eq. 2 regularises the
-*trainable* parameters, and a frozen wₙ in the loss would only push its θₙ down (by ~lr per step, ~0.8
-over the recipe's 4,000 frozen steps at lr 2e-4) without regularising anything. ``include_frozen=True``
-keeps them in the sum.
-
-Gradient path, a few operators for any number of tensors (issue 10): the penalty is an autograd
-``Function`` of the θₙ and wₙ whose backward returns no gradient to autograd (so no per-tensor
-``AccumulateGrad`` work, no per-tensor θ arithmetic) and instead, at the end of the backward pass
-(``foreach.after_backward``), adds to the ``.grad`` of every θₙ and every trainable wₙ, in a few foreach
-operators, what autograd would accumulate there, g being the gradient that reached the penalty (1, or the
-GradScaler's scale under 16-bit AMP, read as a device tensor):
-
-    ∂/∂θₙ = g·A·f'(θₙ)·‖wₙ‖²,  f'(θ) = 1/(2c) on [−c, c] (eq. 5's linear piece, ±c included), 0 outside;
-    ∂/∂wₙ = g·2λₙwₙ.
-
-The θ gradients come from one vector (the views of its ``unbind``); the wₙ gradients from one foreach
-``addcmul`` of the wₙ with views of a flat buffer holding 2gλₙ in every element of view n (``FlatViews``,
-one float per weight), since a 0-d λₙ per tensor would cost one CUDA launch per tensor. Exactness: the
-same terms, in fp32, added before AMP unscaling (which divides them by the scale like every other gradient
-and checks them for inf/NaN); under DDP after the all-reduce, where every rank adds the same terms
-(functions of the replicated weights and θ) to the averaged task gradient — the average of the per-rank
-sums autograd would give. The θₙ still take part in the autograd graph (their ``AccumulateGrad`` runs with
-no gradient), so DDP without ``find_unused_parameters`` waits for them and then leaves their ``.grad`` to
-the penalty. Use ``.backward()`` on the loss: ``torch.autograd.grad`` would not see the penalty's gradient.
-
-The categories are the paper's (§IV-E): conv_kernel, conv_bias, bn_gamma, bn_beta, dense_kernel (plus
-dense_bias if a network has one). Our timm ResNet convolutions have no bias, so conv_bias holds only the
-biases of the regional branches' 3×3 convs (the paper's Keras ResNet has biases in every conv), and the
-bias-free classifiers give no dense_bias.
-
-Reports: the median λ per category is logged as ``reg/<name>/lambda_median/<category>`` and kept in a
-small history (``lambda_history``, saved in checkpoints through ``get_extra_state``, so it survives a
-resume). It is taken at the steps where Lightning writes step metrics to the loggers when
-``log_every_n_steps`` equals ``trainer.log_every_n_steps`` (global steps n−1, 2n−1, ...), plus the
-initial step 0 and the last step. At the end of training: ``plots/lambda_median.png`` (Fig. 3),
-``plots/lambda_histogram.png`` (Fig. 4: final λ in five equal buckets over [0, A·f(θ_init)] = [0, 0.0025]
-by default) and ``<run_dir>/<name>_lambdas.csv`` (name, category, θ, λ of every tensor).
+The θₙ are not used by the forward pass: DDP ignores them (``ddp_ignored_parameters``); their gradient is
+computed from the replicated weights, identical on every rank. ``differentiable=true`` makes the penalty a
+loss term through autograd instead. ∂L/∂θₙ ≥ 0, so Adam lowers every θₙ by about lr per step and λ decays
+(paper Fig. 3) until θₙ < −c; this is recorded, not corrected. Frozen tensors and their θₙ are left out
+unless ``include_frozen`` (a frozen wₙ would only push its θₙ down). Reports: the median λ per category
+(``reg/<name>/lambda_median/<category>``, kept in ``lambda_history``, checkpointed), and at the end
+``plots/lambda_median.png`` (Fig. 3), ``plots/lambda_histogram.png`` (Fig. 4) and ``<name>_lambdas.csv``.
 """
 
 from __future__ import annotations
@@ -58,24 +22,17 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
-from reidreg.regularizers.foreach import (
-    FlatViews,
-    ParameterLookup,
-    add_products_to_grads,
-    add_to_grads,
-    after_backward,
-)
+from reidreg.errors import ConfigError
+from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainStep
+from reidreg.regularizers.foreach import FlatViews, ParameterLookup, add_products_to_grads, add_to_grads
 from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets, squared_norms
-
-if TYPE_CHECKING:
-    from reidreg.training.module import ReIDModule
+from reidreg.validation import boolean, choice, integer, list_of, number, optional
 
 HISTOGRAM_BUCKETS = 5
 
@@ -88,6 +45,15 @@ def hard_sigmoid(x: torch.Tensor, c: float = 2.5) -> torch.Tensor:
 class AdaptiveL2(Regularizer):
     """Σₙ A·f(θₙ) ‖wₙ‖² with one trainable θₙ per regularised tensor (eq. 8)."""
 
+    OPTION_RULES = {
+        "amplitude": number(gt=0),
+        "c": number(gt=0),
+        "theta_init": number(),
+        "categories": optional(list_of(choice(*L2_CATEGORIES))),
+        "log_every_n_steps": integer(min=1),
+        "include_frozen": boolean(),
+        "differentiable": boolean(),
+    }
     replaces_weight_decay = True
 
     def __init__(
@@ -99,13 +65,10 @@ class AdaptiveL2(Regularizer):
         categories: Sequence[str] | None = None,
         log_every_n_steps: int = 20,
         include_frozen: bool = False,
+        differentiable: bool = False,
     ) -> None:
         super().__init__()
-        if amplitude <= 0 or c <= 0 or log_every_n_steps < 1:
-            raise ValueError(
-                f"AdaptiveL2 needs amplitude > 0, c > 0, log_every_n_steps >= 1; got {amplitude}, {c}, "
-                f"{log_every_n_steps}"
-            )
+        self.differentiable = differentiable
         self.amplitude, self.c, self.theta_init = float(amplitude), float(c), float(theta_init)
         self.categories = None if categories is None else list(categories)
         self.log_every_n_steps, self.include_frozen = log_every_n_steps, include_frozen
@@ -114,13 +77,13 @@ class AdaptiveL2(Regularizer):
         # [{"step": global step, "<category>": median λ, ...}, ...] — plain data, saved via get_extra_state.
         self.lambda_history: list[dict[str, float]] = []
         self._lookup = ParameterLookup([])
-        self._lambda_views: FlatViews | None = None  # 2gλₙ spread over the wₙ, see _AdaptiveL2Penalty
+        self._lambda_views: FlatViews | None = None  # 2λₙ spread over the wₙ, see transform_gradients
 
     # ------------------------------------------------------------------ the method
-    def attach(self, module: ReIDModule) -> None:
+    def attach(self, module: Any) -> None:
         targets = l2_targets(module.model, self.categories)
         if not targets:
-            raise ValueError(f"AdaptiveL2 found no tensor to regularise for categories={self.categories}")
+            raise ConfigError(f"regularizer.{self.name}.categories={self.categories} covers no tensor")
         self.target_names = [target.name for target in targets]
         self.target_categories = [target.category for target in targets]
         self._lookup = ParameterLookup(self.target_names)
@@ -129,8 +92,12 @@ class AdaptiveL2(Regularizer):
         # included, for every θₙ, as for separate variables in the official code; with a shared vector, a θₙ
         # whose tensor was frozen for a while would restart with a bias correction meant for a late step.
         self.theta = nn.ParameterList(
-            nn.Parameter(torch.tensor(self.theta_init, device=device)) for _ in self.target_names
+            nn.Parameter(torch.tensor(self.theta_init, device=device, dtype=targets[0].parameter.dtype))
+            for _ in self.target_names
         )
+
+    def ddp_ignored_parameters(self) -> list[str]:
+        return [] if self.differentiable else [f"theta.{n}" for n in range(len(self.theta))]
 
     def theta_vector(self) -> torch.Tensor:
         """All θₙ as one 1-D tensor (differentiable), in the order of ``target_names``."""
@@ -140,30 +107,48 @@ class AdaptiveL2(Regularizer):
         """λₙ = A·f(θₙ) (eq. 7), one per regularised tensor, differentiable in θ."""
         return self.amplitude * hard_sigmoid(self.theta_vector(), self.c)
 
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        """Σₙ λₙ ‖wₙ‖² (eq. 8); ``.backward()`` adds its gradients in θ and in the weights.
-
-        See ``include_frozen`` for frozen tensors.
-        """
+    def penalized(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The wₙ in the sum and their θₙ: all, or (``include_frozen=False``) the trainable wₙ only."""
         parameters, thetas = self._lookup(model), list(self.theta)
-        if not self.include_frozen:
-            # A frozen wₙ and its θₙ stay out of the sum: θₙ gets no gradient, so Adam leaves it and its
-            # state untouched, exactly as it does the frozen weight.
-            kept = [index for index, parameter in enumerate(parameters) if parameter.requires_grad]
-            if not kept:
-                return thetas[0].new_zeros(())
-            if len(kept) < len(parameters):
-                parameters, thetas = [parameters[i] for i in kept], [thetas[i] for i in kept]
-        return _AdaptiveL2Penalty.apply(self, len(thetas), *thetas, *parameters)
+        if self.include_frozen:
+            return parameters, thetas
+        kept = [n for n, parameter in enumerate(parameters) if parameter.requires_grad]
+        return [parameters[n] for n in kept], [thetas[n] for n in kept]
 
-    def _spread_buffer(self, parameters: Sequence[torch.Tensor]) -> FlatViews:
-        """A flat buffer with one view per tensor of ``parameters``, kept while they keep their shapes."""
-        if self._lambda_views is None or not self._lambda_views.matches(parameters):
-            self._lambda_views = FlatViews([p.shape for p in parameters], parameters[0].device)
-        return self._lambda_views
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """Σₙ λₙ ‖wₙ‖² (eq. 8), differentiable by autograd in θ and in the weights."""
+        parameters, thetas = self.penalized(model)
+        lambdas = [self.amplitude * hard_sigmoid(theta, self.c) for theta in thetas]
+        return sum(
+            (lam * p.square().sum() for lam, p in zip(lambdas, parameters, strict=True)), 0.0 * self.theta[0]
+        )
 
     def loss_terms(self, step: TrainStep) -> dict[str, torch.Tensor]:
-        return {"penalty": self.penalty(step.model)}
+        return {"penalty": self.penalty(step.model)} if self.differentiable else {}
+
+    @torch.no_grad()
+    def add_penalty_gradients(self, model: nn.Module) -> torch.Tensor:
+        """Add ∂/∂θₙ and ∂/∂wₙ of eq. 8 to the ``.grad`` s (module docstring); returns the penalty's value."""
+        parameters, thetas = self.penalized(model)
+        if not parameters:
+            return self.theta[0].new_zeros(())
+        theta, norms = torch.stack(thetas), squared_norms(parameters)
+        lambdas = self.amplitude * hard_sigmoid(theta, self.c)
+        inside = (theta >= -self.c) & (theta <= self.c)
+        add_to_grads(thetas, (inside * norms * (self.amplitude / (2 * self.c))).unbind())
+        trainable = [n for n, parameter in enumerate(parameters) if parameter.requires_grad]
+        if trainable:
+            buffer = self._spread_buffer(parameters)
+            buffer.spread(2 * lambdas)
+            add_products_to_grads([parameters[n] for n in trainable], [buffer.views[n] for n in trainable])
+        return (lambdas * norms).sum()
+
+    def _spread_buffer(self, parameters: Sequence[torch.Tensor]) -> FlatViews:
+        """A flat buffer with one view per tensor of ``parameters``, kept while they keep shapes and dtype."""
+        views, dtype = self._lambda_views, parameters[0].dtype
+        if views is None or not views.matches(parameters) or views.flat.dtype != dtype:
+            self._lambda_views = FlatViews([p.shape for p in parameters], parameters[0].device, dtype)
+        return self._lambda_views
 
     # ------------------------------------------------------------------ reports
     def present_categories(self) -> list[str]:
@@ -188,17 +173,19 @@ class AdaptiveL2(Regularizer):
         self.lambda_history.append({"step": step, **medians})
         return medians
 
-    def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
+    def transform_gradients(self, ctx: StepContext, optimizer: torch.optim.Optimizer) -> LogDict:
+        logs: LogDict = {} if self.differentiable else {"penalty": self.add_penalty_gradients(ctx.model)}
         # global_step = number of optimizer steps already taken = updates θ has received so far.
-        step = module.global_step
+        step = ctx.global_step
         # Lightning writes step metrics when (global_step + 1) % trainer.log_every_n_steps == 0.
         log = (step + 1) % self.log_every_n_steps == 0
-        if not log and step != 0:
-            return {}
-        medians = self._record(step)  # step 0 too: λ = A·f(θ_init) before any update, where Fig. 3 starts
-        return {f"lambda_median/{category}": value for category, value in medians.items()} if log else {}
+        if log or step == 0:
+            medians = self._record(step)  # step 0 too: λ = A·f(θ_init) before any update (Fig. 3's start)
+            if log:
+                logs.update({f"lambda_median/{category}": value for category, value in medians.items()})
+        return logs
 
-    def on_train_end(self, module: ReIDModule) -> None:
+    def on_train_end(self, module: Any) -> None:
         if not self.lambda_history or self.lambda_history[-1]["step"] != module.global_step:
             self._record(module.global_step)
         self.save_figure(module, self.median_figure(), "lambda_median.png")
@@ -275,42 +262,3 @@ class AdaptiveL2(Regularizer):
             f"{super().extra_repr()}, amplitude={self.amplitude}, c={self.c}, theta_init={self.theta_init}, "
             f"tensors={len(self.target_names)}"
         )
-
-
-class _AdaptiveL2Penalty(torch.autograd.Function):
-    """Σₙ A·f(θₙ)‖wₙ‖² of its inputs θ₁…θ_K, w₁…w_K; backward adds the gradients at the end of the pass."""
-
-    @staticmethod
-    def forward(ctx, regularizer: AdaptiveL2, count: int, *tensors: torch.Tensor) -> torch.Tensor:
-        theta = torch.stack(tensors[:count])
-        lambdas = regularizer.amplitude * hard_sigmoid(theta, regularizer.c)
-        norms = squared_norms(tensors[count:])
-        ctx.regularizer, ctx.count = regularizer, count
-        ctx.save_for_backward(theta, lambdas, norms, *tensors)
-        return (lambdas * norms).sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, ...]:
-        regularizer, count = ctx.regularizer, ctx.count
-        theta, lambdas, norms, *tensors = ctx.saved_tensors
-        thetas, parameters = tensors[:count], tensors[count:]
-        needs_grad = ctx.needs_input_grad[2:]
-        amplitude, c = regularizer.amplitude, regularizer.c
-        # g·∂/∂θₙ = g·A·f'(θₙ)·‖wₙ‖² with f' = 1/(2c) on [−c, c] (eq. 5's linear piece, ±c included), else 0.
-        theta_grads = (((theta >= -c) & (theta <= c)) * (amplitude / (2 * c)) * norms * grad).unbind()
-        coefficients = lambdas * (2 * grad)  # g·∂/∂wₙ = 2gλₙ·wₙ
-
-        def accumulate() -> None:
-            chosen = [n for n in range(count) if needs_grad[n]]
-            add_to_grads([thetas[n] for n in chosen], [theta_grads[n] for n in chosen])
-            trainable = [n for n in range(len(parameters)) if needs_grad[count + n]]
-            if trainable:
-                buffer = regularizer._spread_buffer(parameters)
-                buffer.spread(coefficients)
-                add_products_to_grads(
-                    [parameters[n] for n in trainable], [buffer.views[n] for n in trainable]
-                )
-
-        after_backward(accumulate)
-        return (None,) * len(ctx.needs_input_grad)

@@ -1,18 +1,17 @@
-"""Adversarial training (AT) on the input images: the explicit, directional baseline that SGP argues against.
+"""Adversarial training (AT), an input transform: the explicit, directional baseline that SGP argues against.
 
-Madry et al. (ICLR 2018) train on the worst case in an ε-ball, min_θ E[max_{‖δ‖∞≤ε} J(θ, x + δ, y)]; the
-inner maximisation is approximated by FGSM or PGD (``reidreg.attacks``, which states the update rule).
-Here J is the ReID task loss of the batch, ``module.loss(module.model(x), labels)["total"]`` (label-smoothed
-CE + batch-hard triplet of every objective module), and δ lives in the pixel space of the un-normalised
-image ([0, 1], ε = 8/255 by default).
+Madry et al. ("Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018) train on the worst
+case in an ε-ball, min_θ E[max_{‖δ‖∞≤ε} J(θ, x + δ, y)]; the inner maximisation is approximated by FGSM or
+PGD (``reidreg.attacks``, which states the update rule). Here J is the ReID task loss of the batch,
+``ctx.loss(ctx.model(x), labels)["total"]`` (label-smoothed CE + batch-hard triplet of every objective
+module), and δ lives in the pixel space of the un-normalised image ([0, 1], ε = 8/255 by default).
 
 Mixing (our choice, configurable): a fraction ``adv_fraction`` of the batch is replaced by its
 adversarial version, the same share of every identity's images (round(adv_fraction · K) of K, chosen at
 random), so the batch keeps its P × K structure: every identity has clean and adversarial images, and the
 triplet loss compares them. The attack maximises the loss of the *whole* batch as it will be trained on
 (the clean images take part unchanged), which is the ``replace`` mixing of the AT literature. Appending
-the adversarial copies instead (``concat``, doubling the batch) would need ``prepare_inputs`` to return
-labels too, which the interface does not do.
+the adversarial copies instead (``concat``, doubling the batch, labels repeated) is not implemented.
 
 BatchNorm during the attack: the attack runs in the network's current (train) mode, so it attacks the
 same function the step trains — batch statistics — but the running statistics are frozen: every
@@ -27,18 +26,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from reidreg.attacks import build_attack
-from reidreg.errors import ConfigError
-from reidreg.regularizers.base import LogDict, Regularizer
+from reidreg.attacks import ATTACK_NAMES, build_attack
+from reidreg.regularizers.base import LogDict, Regularizer, StepContext
 from reidreg.regularizers.random_streams import step_generator
-
-if TYPE_CHECKING:
-    from reidreg.training.module import ReIDModule
+from reidreg.validation import boolean, choice, integer, number, optional
 
 
 @contextlib.contextmanager
@@ -71,6 +66,16 @@ def choose_per_identity(labels: torch.Tensor, fraction: float, generator: torch.
 class AdversarialTraining(Regularizer):
     """Replace ``adv_fraction`` of every identity's training images by FGSM/PGD adversarial examples."""
 
+    OPTION_RULES = {
+        "attack": choice(*ATTACK_NAMES),
+        "eps": number(ge=0),
+        "step_size": optional(number(ge=0)),
+        "steps": optional(integer(min=1)),
+        "random_start": boolean(),
+        "adv_fraction": number(ge=0, le=1),
+        "seed": integer(),
+    }
+
     def __init__(
         self,
         *,
@@ -83,36 +88,38 @@ class AdversarialTraining(Regularizer):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= adv_fraction <= 1.0:
-            raise ConfigError(f"regularizer.adversarial.adv_fraction must be in [0, 1], got {adv_fraction}")
         self.attack = build_attack(
             attack, eps=eps, step_size=step_size, steps=steps, random_start=random_start
         )
         self.attack_name, self.adv_fraction, self.seed = attack, adv_fraction, seed
 
-    def prepare_inputs(
-        self, module: ReIDModule, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, LogDict]:
-        model = module.model
-        generator = step_generator(self.seed, module.global_step, images.device)
+    def transform_inputs(
+        self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, LogDict]:
+        model = ctx.model
+        generator = step_generator(self.seed, ctx.global_step, images.device)
         chosen = choose_per_identity(labels, self.adv_fraction, generator)
         if not bool(chosen.any()):
-            return images, {"adv_fraction": 0.0}
+            return images, labels, {"adv_fraction": 0.0}
         losses: list[torch.Tensor] = []
 
         def task_loss(candidate: torch.Tensor) -> torch.Tensor:
-            loss = module.loss(model(candidate), labels)["total"]
+            loss = ctx.loss(model(candidate), labels)["total"]
             losses.append(loss.detach())
             return loss
 
         with frozen_batchnorm_stats(model):
             adversarial = self.attack.perturb(task_loss, images, mask=chosen, generator=generator)
-        return adversarial, {
-            "adv_fraction": chosen.float().mean(),
-            # The task loss at the attack's start and at its last iterate (before the final step).
-            "loss_first_iterate": losses[0],
-            "loss_last_iterate": losses[-1],
-        }
+        return (
+            adversarial,
+            labels,
+            {
+                "adv_fraction": chosen.float().mean(),
+                # The task loss at the attack's start and at its last iterate (before the final step).
+                "loss_first_iterate": losses[0],
+                "loss_last_iterate": losses[-1],
+            },
+        )
 
     def extra_repr(self) -> str:
         a = self.attack

@@ -1,50 +1,55 @@
 """The regularizer interface: every regularizer is one ``Regularizer`` subclass in its own file.
 
-A regularizer plugs into the training step of ``reidreg.training.ReIDModule`` through a few optional
-hooks; each default does nothing, so a regularizer overrides only what its method needs:
+A regularizer plugs into the public training step (``reidreg.training.step.TrainingStep``), which calls
+the regularizers in their configured order. Each hook's default does nothing; a method overrides the hooks
+of the kinds it is (one, or several):
 
-==========================  ==============================================================================
-hook                        when / what for
-==========================  ==============================================================================
-``check(plan)``             once, before any work: refuse (``ConfigError``) a run this regularizer cannot
-                            carry out as configured (LinR: its rounds do not fit in the epochs).
-``attach(module)``          once, before training: create own parameters (adaptive L2's θ), register
-                            forward/backward hooks on the network (SGP), load a checkpoint (LinR).
-``on_train_batch_start``    every step, before anything else (draw a per-step decision, e.g. SGP's p).
-``prepare_inputs``          may replace the batch's images before the forward pass (adversarial training).
-``loss_terms(step)``        extra loss terms, added to the task loss: from the parameters (L2 penalties)
-                            or from the batch's features, logits and labels (SGSL). Each term is logged.
-``on_before_optimizer_step`` act on gradients after backward and after AMP unscaling (SGP, decoupled
-                            weight decay).
-``training_step``           take over a whole step (LinR's refinement phases); ``None`` = standard step.
-``extra_optimizers``        optimizers of the regularizer's own (LinR's two phases); checkpointed.
-``on_train_end``            final reports (plots) into the run directory and the loggers.
-==========================  ==============================================================================
+===============================  ===========================================================================
+hook                             kind: when / what for
+===============================  ===========================================================================
+``transform_inputs``             input transform: before the forward pass, replace the images and labels
+                                 (adversarial examples). The labels returned must be what the task loss
+                                 takes: integer identities (N,), as ``ReIDLoss``'s CE and triplet need; a
+                                 method with soft targets (mixup) keeps them and adds its own loss term.
+``loss_terms(step)``             loss term: tensors *added* to the task loss, from the batch's outputs (SGSL).
+``transform_gradients``          gradient transform: act on ``p.grad`` after backward, AMP unscaling and the
+                                 DDP all-reduce, right before ``optimizer.step()`` (L2 penalties, SGP's
+                                 parameter noise, decoupled weight decay). Not part of the differentiable
+                                 loss: ``torch.autograd.grad`` of the loss never sees them.
+``on_step_start``                every standard step, before anything else (a per-step draw: SGP).
+``owns_step`` / ``phase_step``   a procedure that is not a standard step (LinR's refinement rounds): while
+                                 ``owns_step`` is true, ``phase_step`` replaces the whole step and *no other
+                                 regularizer acts*: no input transform, loss term or gradient transform.
+===============================  ===========================================================================
 
-Own trainable parameters are ordinary ``nn.Parameter`` s of the regularizer: the module registers every
-regularizer as a submodule, so they are optimised with the network (same optimizer and schedule) and saved
-in, and restored from, checkpoints. Values to log are returned as ``dict[str, float | Tensor]`` and
-logged by the module under ``reg/<name>/<key>``.
+Hooks get a ``StepContext`` (network, task loss, step counters, log sink), not the LightningModule.
+Values to log are returned as ``dict[str, float | Tensor]`` (or given to ``ctx.log``) and logged as
+``reg/<name>/<key>``. Once per run: ``check(plan)`` refuses, before any work, a run this regularizer
+cannot carry out; ``attach(module)`` (an object with ``.model``) creates own parameters or network hooks;
+``extra_optimizers`` and ``on_train_end`` serve phases and final reports. Own parameters are ordinary
+``nn.Parameter`` s (optimised with the network, checkpointed); those set only by a gradient transform are
+listed by ``ddp_ignored_parameters`` so that DDP neither waits for nor averages them.
 
-A new regularizer needs a file here and a YAML under ``conf/regularizer/`` with its ``_target_``;
-nothing else changes.
+Options are checked before any work by ``OPTION_RULES`` (``reidreg.validation`` rules, by option name).
+A new regularizer is a file here and a YAML under ``conf/regularizer/`` with its ``_target_``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from reidreg.models import HeadOutput, ReIDModel
+from reidreg.models import HeadOutput
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from reidreg.training.module import ReIDModule
+    from reidreg.validation import Rule
 
 LogDict = dict[str, float | torch.Tensor]
 
@@ -61,20 +66,49 @@ class TrainingPlan:
 
 
 @dataclass
-class TrainStep:
-    """Everything one standard training step has computed, handed to ``Regularizer.loss_terms``."""
+class StepContext:
+    """One training step as the hooks see it. ``stage`` says where the step is: ``inputs`` while input
+    transforms run (an attack's own passes), ``task`` from the task forward pass to the optimizer step,
+    ``phase`` in a step owned by ``phase_step``, ``done`` after the optimizer step."""
 
-    model: ReIDModel
+    model: nn.Module
+    loss: Callable[..., dict[str, torch.Tensor]]  # the task loss: (outputs, labels) → named terms, "total"
+    global_step: int = 0
+    epoch: int = 0
+    batch_idx: int = 0
+    stage: str = "task"
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)  # this step's values, by key
+    # For phases: take one optimizer step on a loss (AMP, DDP, hooks included), and end training.
+    optimize: Callable[[torch.Tensor, torch.optim.Optimizer], None] | None = None
+    stop: Callable[[], None] | None = None
+
+    def log(self, regularizer: Regularizer, values: LogDict) -> None:
+        """Keep ``values`` (detached) as ``reg/<name>/<key>`` for this step's log line."""
+        for key, value in values.items():
+            graph = isinstance(value, torch.Tensor) and value.requires_grad
+            self.logs[f"reg/{regularizer.name}/{key}"] = value.detach() if graph else value
+
+
+@dataclass
+class TrainStep:
+    """What the standard step has computed by the time of ``Regularizer.loss_terms``."""
+
+    context: StepContext
     images: torch.Tensor
     labels: torch.Tensor
     outputs: dict[str, HeadOutput]  # one per objective module: embedding, bn_feature, logits
     task_losses: dict[str, torch.Tensor]  # "<head>/ce", "<head>/triplet", "total"
-    global_step: int
-    epoch: int
+
+    @property
+    def model(self) -> nn.Module:
+        return self.context.model
 
 
 class Regularizer(nn.Module):
     """Base class: a named, optional piece of training. Subclasses document the equation they implement."""
+
+    #: Option name → rule, checked by ``reidreg.validation`` before any work.
+    OPTION_RULES: ClassVar[dict[str, Rule]] = {}
 
     #: True for explicit L2 penalties: the optimizer's own weight decay must then be 0 (no double count).
     replaces_weight_decay: bool = False
@@ -85,38 +119,46 @@ class Regularizer(nn.Module):
     def check(self, plan: TrainingPlan) -> None:
         """Raise ``ConfigError`` (naming the option) if this run cannot work as configured."""
 
-    def attach(self, module: ReIDModule) -> None:
-        """Called once with the Lightning module before training starts (the network is ``module.model``)."""
+    def attach(self, module: Any) -> None:
+        """Called once before training with the Lightning module (the network is ``module.model``)."""
 
-    def on_train_batch_start(self, module: ReIDModule, batch_idx: int) -> None:
-        """Called at the start of every training step."""
+    def ddp_ignored_parameters(self) -> list[str]:
+        """Names of own parameters that DDP must ignore: their gradients are set after the all-reduce."""
+        return []
 
-    def prepare_inputs(
-        self, module: ReIDModule, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, LogDict]:
-        """Images to train on in this step (default: unchanged) and values to log."""
-        return images, {}
+    def on_step_start(self, ctx: StepContext) -> None:
+        """Called at the start of every standard step."""
+
+    def transform_inputs(
+        self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, LogDict]:
+        """Images and labels to train on in this step (default: unchanged), and values to log."""
+        return images, labels, {}
 
     def loss_terms(self, step: TrainStep) -> dict[str, torch.Tensor]:
         """Terms *added* to the loss, by name (each is logged); may be empty."""
         return {}
 
-    def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
-        """Act on ``p.grad`` after backward (and after AMP unscaling), before ``optimizer.step()``."""
+    def transform_gradients(self, ctx: StepContext, optimizer: torch.optim.Optimizer) -> LogDict:
+        """Act on ``p.grad`` (unscaled, all-reduced) before ``optimizer.step()``; return values to log."""
         return {}
 
-    def training_step(self, module: ReIDModule, batch: Any, batch_idx: int) -> LogDict | None:
-        """Run the whole step instead of the standard one and return values to log; ``None`` = don't."""
-        return None
+    def owns_step(self, ctx: StepContext) -> bool:
+        """Whether ``phase_step`` replaces the standard step this time (no other regularizer acts then)."""
+        return False
 
-    def extra_optimizers(self, module: ReIDModule) -> list[torch.optim.Optimizer]:
-        """Optimizers this regularizer steps itself in ``training_step`` (saved in checkpoints)."""
+    def phase_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> LogDict:
+        """One step of this regularizer's own procedure (``ctx.optimize``, ``ctx.stop``); values to log."""
+        raise NotImplementedError(f"{type(self).__name__} owns a step but has no phase_step")
+
+    def extra_optimizers(self, module: Any) -> list[torch.optim.Optimizer]:
+        """Optimizers this regularizer steps itself in ``phase_step`` (saved in checkpoints)."""
         return []
 
-    def on_train_end(self, module: ReIDModule) -> None:
+    def on_train_end(self, module: Any) -> None:
         """Write final reports (``save_figure``) once training has finished."""
 
-    def save_figure(self, module: ReIDModule, figure: Figure, filename: str) -> Path:
+    def save_figure(self, module: Any, figure: Figure, filename: str) -> Path:
         """Save a figure as ``<run_dir>/plots/<filename>`` and send it to W&B when logging there."""
         import matplotlib.pyplot as plt
 

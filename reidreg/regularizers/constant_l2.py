@@ -1,49 +1,40 @@
-"""Constant L2 regularization (paper 000 eq. 3; Table III, last row): one hand-picked λ for every tensor.
+"""Constant L2 regularization: one hand-picked λ for every tensor, λ Σₙ ‖wₙ‖² (Ni et al., "AdaptiveReID:
+Adaptive L2 Regularization in Person Re-Identification", ICPR 2020, eq. 3).
 
-``mode="coupled"`` (official code): the penalty λ Σₙ ‖wₙ‖² is *added to the loss*, so under Adam its
-gradient 2λw is rescaled per coordinate like any other gradient. The optimizer's own weight decay must
-be 0 (``replaces_weight_decay``), so nothing is counted twice.
-
-``mode="decoupled"`` (our option, for comparison): AdamW-style decoupled weight decay (Loshchilov &
-Hutter). No loss term; before each optimizer step every covered tensor of the optimizer's param groups
-that has a gradient is shrunk as ``w ← w − lr·λ·w`` with its group's current lr, exactly as
-``torch.optim.AdamW(weight_decay=λ)`` does, so Adam(weight_decay=0) + this mode == AdamW step for step.
-Note that λ means different things in the two modes (λ = 0.005 is the coupled value of the paper), and
-that under AMP a step skipped for inf/NaN gradients is still decayed (AdamW would skip it).
-
-The penalty value λ Σₙ ‖wₙ‖² is logged in both modes (``reg/<name>/penalty``).
-
-Gradient path (coupled), a few operators for any number of tensors (issue 10): the penalty is an autograd
-``Function`` of the weights whose backward returns no gradient to autograd (so no per-tensor
-``AccumulateGrad`` addition) and instead, at the end of the backward pass (``foreach.after_backward``), adds
-g·2λwₙ to every trainable wₙ's ``.grad`` in two foreach operators, g being the gradient that reached the
-penalty (1, or the GradScaler's scale under 16-bit AMP, read as a device tensor). This is exactly what
-autograd would accumulate: the same terms, in fp32, before AMP unscaling (which then divides them by the
-scale like every other gradient, and checks them for inf/NaN), and with DDP after the all-reduce: each rank
-adds the same g·2λwₙ to the averaged task gradient, which is the average of the per-rank sums autograd
-would give. Frozen tensors (``requires_grad=False``) get no gradient, as under autograd. Use
-``.backward()`` on the loss: ``torch.autograd.grad`` would not see the penalty's gradient.
+``mode="coupled"`` (the paper's official code): the penalty's gradient 2λwₙ is added to every trainable
+wₙ's ``.grad`` right before the optimizer step (a gradient transform, two foreach operators), so Adam
+rescales it like any other gradient; with ``differentiable=true`` the penalty is a loss term through
+autograd instead (for methods that need the full differentiable objective; one backward node per tensor).
+``mode="decoupled"``: AdamW-style decoupled weight decay (Loshchilov & Hutter, "Decoupled Weight Decay
+Regularization", ICLR 2019): ``w ← w − lr·λ·w`` before each step, for the tensors of the optimizer's
+groups that have a gradient, so Adam(weight_decay=0) + this == AdamW step for step (λ is then a decay
+rate; under AMP a skipped step is still decayed). The optimizer's own weight decay must be 0. The penalty
+value λ Σₙ ‖wₙ‖² is logged every step as ``reg/<name>/penalty``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 
 from reidreg.errors import ConfigError
-from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
-from reidreg.regularizers.foreach import ParameterLookup, add_to_grads, after_backward
-from reidreg.regularizers.l2_targets import l2_targets, squared_norms
-
-if TYPE_CHECKING:
-    from reidreg.training.module import ReIDModule
+from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainStep
+from reidreg.regularizers.foreach import ParameterLookup, add_scaled_to_grads
+from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets, squared_norms
+from reidreg.validation import boolean, choice, list_of, number, optional
 
 
 class ConstantL2(Regularizer):
     """λ Σₙ ‖wₙ‖² over the tensors of ``categories`` (default: all), coupled (in the loss) or decoupled."""
 
+    OPTION_RULES = {
+        "lam": number(ge=0),
+        "mode": choice("coupled", "decoupled"),
+        "categories": optional(list_of(choice(*L2_CATEGORIES))),
+        "differentiable": boolean(),
+    }
     replaces_weight_decay = True
 
     def __init__(
@@ -52,64 +43,44 @@ class ConstantL2(Regularizer):
         lam: float = 0.005,
         categories: Sequence[str] | None = None,
         mode: Literal["coupled", "decoupled"] = "coupled",
+        differentiable: bool = False,
     ) -> None:
         super().__init__()
-        if mode not in ("coupled", "decoupled"):
-            raise ConfigError(f"regularizer.constant_l2.mode must be 'coupled' or 'decoupled', got {mode!r}")
-        if lam < 0:
-            raise ConfigError(f"regularizer.constant_l2.lam must be >= 0, got {lam}")
-        self.lam, self.mode = float(lam), mode
+        if differentiable and mode == "decoupled":
+            raise ConfigError("regularizer.constant_l2.differentiable=true needs mode=coupled")
+        self.lam, self.mode, self.differentiable = float(lam), mode, differentiable
         self.categories = None if categories is None else list(categories)
         self.target_names: list[str] = []
-        self.target_categories: list[str] = []
         self._lookup = ParameterLookup([])
 
-    def attach(self, module: ReIDModule) -> None:
-        targets = l2_targets(module.model, self.categories)
-        self.target_names = [target.name for target in targets]
-        self.target_categories = [target.category for target in targets]
+    def attach(self, module: Any) -> None:
+        self.target_names = [target.name for target in l2_targets(module.model, self.categories)]
         self._lookup = ParameterLookup(self.target_names)
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
-        """λ Σₙ ‖wₙ‖² (eq. 3); ``.backward()`` adds 2λwₙ to the gradient of every trainable wₙ."""
-        return _ConstantL2Penalty.apply(self.lam, *self._lookup(model))
+        """λ Σₙ ‖wₙ‖² (eq. 3), differentiable by autograd."""
+        return self.lam * sum(p.square().sum() for p in self._lookup(model))
 
     def loss_terms(self, step: TrainStep) -> dict[str, torch.Tensor]:
-        return {"penalty": self.penalty(step.model)} if self.mode == "coupled" else {}
+        return {"penalty": self.penalty(step.model)} if self.differentiable else {}
 
-    def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
-        if self.mode == "coupled":
+    @torch.no_grad()
+    def transform_gradients(self, ctx: StepContext, optimizer: torch.optim.Optimizer) -> LogDict:
+        if self.differentiable:
             return {}
-        with torch.no_grad():
-            parameters = self._lookup(module.model)
-            logs: LogDict = {"penalty": self.lam * squared_norms(parameters).sum()}
-            covered = {id(p) for p in parameters}
-            for group in optimizer.param_groups:
-                # AdamW decays only the tensors it updates: those with a gradient (frozen ones are kept).
-                decayed = [p for p in group["params"] if p.grad is not None and id(p) in covered]
-                if decayed:
-                    torch._foreach_mul_(decayed, 1 - group["lr"] * self.lam)
+        parameters = self._lookup(ctx.model)
+        logs: LogDict = {"penalty": self.lam * squared_norms(parameters).sum()}
+        if self.mode == "coupled":
+            trainable = [p for p in parameters if p.requires_grad]
+            add_scaled_to_grads(trainable, 2 * self.lam)
+            return logs
+        covered = {id(p) for p in parameters}
+        for group in optimizer.param_groups:
+            # AdamW decays only the tensors it updates: those with a gradient (frozen ones are kept).
+            decayed = [p for p in group["params"] if p.grad is not None and id(p) in covered]
+            if decayed:
+                torch._foreach_mul_(decayed, 1 - group["lr"] * self.lam)
         return logs
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lam={self.lam}, mode={self.mode!r}, tensors={len(self.target_names)}"
-
-
-class _ConstantL2Penalty(torch.autograd.Function):
-    """λ Σₙ ‖wₙ‖² of its inputs (the wₙ); backward adds g·2λwₙ to ``wₙ.grad`` at the end of the pass."""
-
-    @staticmethod
-    def forward(ctx, lam: float, *parameters: torch.Tensor) -> torch.Tensor:
-        ctx.lam = lam
-        ctx.save_for_backward(*parameters)
-        return lam * squared_norms(parameters).sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, ...]:
-        needs_grad = ctx.needs_input_grad[1:]
-        trainable = [p for p, needed in zip(ctx.saved_tensors, needs_grad, strict=True) if needed]
-        if trainable:
-            coefficient = grad * (2 * ctx.lam)  # a device tensor: no host sync, whatever the AMP scale
-            after_backward(lambda: add_to_grads(trainable, torch._foreach_mul(trainable, coefficient)))
-        return (None,) * len(ctx.needs_input_grad)

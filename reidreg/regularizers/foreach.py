@@ -1,28 +1,18 @@
 """Helpers for regularizers that act on every tensor of the network at a per-step cost independent of their
-number (issue 10).
+number.
 
-Why. On a GPU a training step of this network is launch-bound: every aten operator costs a few
-microseconds of host time, whether it touches 64 numbers or two million, and so does Python work per
-tensor. A regularizer that spends even a handful of operators on each of the ~200 tensors of a ResNet-50
-(a norm, its backward, an ``AccumulateGrad`` addition, a random draw, ...) adds about as much host time as
-the forward pass. With the helpers below it spends a few ``torch._foreach_*`` operators on all of them.
-On CUDA such an operator is one fused launch (``multi_tensor_apply``) only if the tensors at the same
-position of its lists share shape, strides, dtype and device; multiplying each tensor by a scalar held in a
-0-d tensor of its own falls back to one launch per tensor. ``FlatViews`` exists to avoid that case.
-
-* ``ParameterLookup``: the network's current tensors for fixed names without walking every module.
-* ``after_backward``: run a callback once the running backward pass has accumulated (and, under DDP,
-  all-reduced) every other gradient.
-* ``add_to_grads``, ``add_products_to_grads``: ``t.grad += u`` or ``t.grad += t·f`` for many tensors in
-  one foreach operator.
-* ``FlatViews``: one flat buffer seen as one view per tensor, with per-tensor scalars spread over it in
-  O(1) operators.
+On a GPU a training step of this network is launch-bound: every aten operator costs a few microseconds
+of host time, whatever its size. A regularizer that spends a few operators on each of the ~200 tensors of
+a ResNet-50 adds about as much host time as the forward pass; with these helpers it spends a few
+``torch._foreach_*`` operators on all of them. On CUDA such an operator is one fused launch only if the
+tensors at the same position of its lists share shape, dtype and device; a 0-d scalar per tensor falls
+back to one launch per tensor, which ``FlatViews`` avoids.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,22 +41,6 @@ class ParameterLookup:
         return parameters
 
 
-def after_backward(callback: Callable[[], None]) -> None:
-    """Run ``callback`` at the end of the backward pass that is running now, after every other gradient.
-
-    Call it from inside a backward pass (an autograd ``Function.backward``). The autograd engine runs the
-    callbacks queued during a backward pass in order, once all of its nodes have run, every
-    ``AccumulateGrad`` included. Under DDP the reducer queues its own callback, which waits for the
-    all-reduces and writes the averaged gradients into ``.grad`` (``finalize_backward``), only when its last
-    bucket becomes ready, possibly after ours; so ours queues ``callback`` once more when it runs, which puts
-    it behind the reducer's. ``callback`` thus sees the final ``.grad`` of this backward pass: what it adds
-    is neither all-reduced nor overwritten, and it must be the same on every rank (it is for the L2
-    penalties: a function of the replicated weights and of the upstream gradient, which is the same on all).
-    """
-    engine = torch.autograd.Variable._execution_engine
-    engine.queue_callback(lambda: engine.queue_callback(callback))
-
-
 def add_to_grads(tensors: Sequence[torch.Tensor], updates: Sequence[torch.Tensor]) -> None:
     """``t.grad += u`` for every pair, in one foreach operator; a tensor without a gradient gets ``u``.
 
@@ -81,6 +55,17 @@ def add_to_grads(tensors: Sequence[torch.Tensor], updates: Sequence[torch.Tensor
     for tensor, update in pairs:
         if tensor.grad is None:
             tensor.grad = update
+
+
+def add_scaled_to_grads(tensors: Sequence[torch.Tensor], factor: float) -> None:
+    """``t.grad += factor·t`` for every tensor, in one foreach operator; a tensor without a gradient gets
+    ``factor·t``."""
+    present = [t for t in tensors if t.grad is not None]
+    if present:
+        torch._foreach_add_([t.grad for t in present], present, alpha=factor)
+    missing = [t for t in tensors if t.grad is None]
+    for tensor, product in zip(missing, torch._foreach_mul(missing, factor) if missing else [], strict=True):
+        tensor.grad = product
 
 
 def add_products_to_grads(tensors: Sequence[torch.Tensor], factors: Sequence[torch.Tensor]) -> None:
@@ -100,7 +85,7 @@ def add_products_to_grads(tensors: Sequence[torch.Tensor], factors: Sequence[tor
 
 
 class FlatViews:
-    """One flat float32 buffer on ``device``, seen as one view per shape (the views are made once).
+    """One flat buffer of ``dtype`` on ``device``, seen as one view per shape (the views are made once).
 
     Every view is a whole number of rows of ``gcd`` of the sizes (64 for a ResNet), so that a per-row index
     tells which view a row belongs to: ``spread`` writes ``values[n]`` into every element of view n and
@@ -108,12 +93,14 @@ class FlatViews:
     ``values`` is a 1-D tensor on ``device`` with one entry per view.
     """
 
-    def __init__(self, shapes: Sequence[torch.Size], device: torch.device | str) -> None:
+    def __init__(
+        self, shapes: Sequence[torch.Size], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.shapes = [torch.Size(shape) for shape in shapes]
         self.device = torch.device(device)
         sizes = [shape.numel() for shape in self.shapes]
         row = math.gcd(*sizes) or 1
-        self.flat = torch.empty(sum(sizes), device=self.device)
+        self.flat = torch.empty(sum(sizes), device=self.device, dtype=dtype)
         chunks = self.flat.split(sizes)
         self.views = [chunk.view(shape) for chunk, shape in zip(chunks, self.shapes, strict=True)]
         self.numels = torch.tensor(sizes, dtype=torch.float32).to(self.device)

@@ -1,6 +1,6 @@
-"""Which tensors the L2 regularizers penalise, and their squared norms (paper 000 eqs. 2–4).
+"""Which tensors the L2 regularizers penalise, and their squared norms (AdaptiveReID, ICPR 2020, eqs. 2–4).
 
-Paper 000 §III-C regularises every distinct parameter wₙ of the network (eq. 2), and §IV-E groups
+The paper's Sec. III-C regularises every distinct parameter wₙ of the network (eq. 2), and Sec. IV-E groups
 them into categories by layer type: conv_kernel, conv_bias, bn_gamma, bn_beta, dense_kernel (+ dense_bias,
 which the paper's network does not have). Here the category follows the module that owns the tensor:
 ``nn.Conv2d`` weight/bias, BatchNorm (any ``_BatchNorm``, so also ``SyncBatchNorm`` under DDP) weight (γ)
@@ -77,7 +77,7 @@ def l2_targets(model: nn.Module, categories: Sequence[str] | None = None) -> lis
 
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖wₙ‖² (sum of squares of all elements, paper 000 footnote 1) of every tensor, as one 1-D tensor.
+    """‖wₙ‖² (sum of squares of all elements, AdaptiveReID footnote 1) of every tensor, as one 1-D tensor.
 
     Values only, no autograd graph: the L2 penalties write their gradients themselves (``constant_l2``,
     ``adaptive_l2``). One fused ``_foreach_norm`` and two operators, for any number of tensors.

@@ -1,80 +1,18 @@
-"""LinR — Linear Regularization refinement (paper 003 §3, Algorithm 1; METHODS.md §5).
+"""LinR — Linear Regularization refinement, a phase of its own ("Linear Regularization: An easy approach to
+refine your model", CVPR 2021 submission, Sec. 3, Algorithm 1).
 
-A trained model is refined for ``T`` rounds; each round is ``N_cls`` steps of the classification loss
-(Algorithm 1 line 5, eq. 8) followed by ``N_LinR`` steps of the LinR loss (line 6), each phase with its own
-SGD optimizer (§4.2: classification lr 3e-4, momentum 0.9, weight decay 5e-4; LinR lr 1e-2 or 1e-3,
-momentum 0.9, no weight decay). The LinR loss asks the network to be linear in its input (eqs. 3–7)::
+``rounds`` × (``cls_steps`` classification steps, then ``linr_steps`` steps of the LinR loss), each phase
+with its own SGD; the LinR loss asks the network to be linear in its input (eqs. 4–7)::
 
-    a ~ Beta(α, α), α = 0.75, b = 1 − a;  x, y two different images of the batch
-    P1 = softmax f(a·x + b·y)                               (eq. 5)
-    P2 = a·softmax f(x) + b·softmax f(y),  stop-gradient    (eq. 6, "detach" in §3.1)
-    L_LinR = KL(P1 ‖ P2) = Σ_c P1_c log(P1_c / P2_c)        (eqs. 4, 7)
+    a ~ Beta(α, α), b = 1 − a;  P1 = softmax f(a·x + b·y);  P2 = a·softmax f(x) + b·softmax f(y) (detached)
+    L_LinR = KL(P1 ‖ P2), averaged over the pairs of the batch, summed over objective modules
 
-Variants (``variant``):
-
-- ``linr``   — the above, with the classification phase (paper §3.2).
-- ``linrc``  — eq. 9: ``mask = P2 > 1/NC``; the sum of eq. 7 runs over the kept classes only, with P1 and
-  P2 *not* renormalised ("only calculate loss over the selected logits"), so the value may be negative.
-  NC = number of training identities; ReID has hundreds, the case the paper made LinRC for (ImageNet).
-- ``linrnl`` — "remove line 5 in Algorithm 1": LinR steps only, no labels used (``cls_steps`` is ignored).
-- ``linrnm`` — eq. 10, no mix: ``L = KL(softmax f(a·x) ‖ a·softmax f(x))`` implemented literally. As
-  ``a·softmax f(x)`` sums to ``a``, this equals ``KL(softmax f(a·x) ‖ softmax f(x)) − log a``: same
-  gradient as the normalised KL, value offset by the constant ``−log a ≥ 0``.
-
-For ReID, ``f`` is the identity classifier of every objective module (its logits); the KL is averaged over
-the pairs of the batch and *summed* over objective modules, as the task loss sums its per-module terms.
-
-Choices where the paper is silent (ours):
-
-- pairs: every image is mixed with one *other* image of the same batch (a random single-cycle
-  permutation, so never with itself — "two different images"); one ``a`` per batch, as in mixup [38]
-  whose mix operation LinR borrows (§2). ``a`` is logged. Both are drawn from a generator seeded with
-  ``(seed, step)``, so that a resumed run draws the same ones.
-- BatchNorm in the LinR phase (``bn_mode``; the paper does not say which mode its LinR phase uses):
-
-  - ``train`` (default): as in every training forward pass, BatchNorm normalises with the statistics of
-    the batch it sees and updates its running statistics (and ``num_batches_tracked``) — twice per
-    LinR step, in the no-grad forward pass of the clean batch that gives P2 and in the mixed forward
-    pass. P1 and P2 are thus computed with *different* normalisations (mixed batch vs clean batch), so
-    part of the P1–P2 gap is the change of batch statistics, not the network's nonlinearity. For
-    ``linrnm`` this makes the loss nearly inert on this network: its first convolution has no bias, so
-    the batch statistics of ``a·x`` are those of ``x`` scaled by ``a`` and the first BatchNorm removes
-    ``a``: ``f(a·x) ≈ f(x)``, the loss ≈ ``−log a`` per objective module, and its gradient ≈ 0.
-  - ``eval``: every BatchNorm layer is in eval mode for both forward passes of a LinR step (the P2
-    target and the mixed / scaled input): it normalises with its running statistics, which stay frozen
-    (neither updated nor counted: ``num_batches_tracked`` is unchanged). P1 and P2 then come from one
-    and the same function ``f``; BatchNorm's affine weights still get gradients and are updated by the
-    LinR optimizer. The layers are switched back to train mode afterwards.
-
-  The classification phase is a standard training forward pass in both modes (batch statistics,
-  running statistics updated).
-- ``f(y)`` is ``f(x)`` permuted: in ``train`` mode the output of the clean batch's forward pass permuted
-  equals a forward pass of the permuted batch (same batch statistics); in ``eval`` mode trivially.
-- classification loss (``cls_loss``): ``task`` (default) is the baseline's ReID loss (label-smoothed
-  CE + triplet); ``ce`` only the label-smoothed CE of every module; ``ce_plain`` eq. 8 literally, the
-  cross-entropy ``H(p, q)`` with the one-hot label ``p`` (no label smoothing, no triplet), summed over
-  modules.
-- after ``T`` rounds (Algorithm 1 line 8, "return θ") the regularizer asks the Trainer to stop (the
-  epoch's validation and checkpointing still run). As in every run, the test uses the checkpoint chosen
-  on validation — with ``start_epoch`` that may predate refinement.
-
-Start: from a reidreg checkpoint (``init_from``: its ``model.*`` weights are loaded in ``attach``), or at
-the start of epoch ``start_epoch`` (0-based) of the current run after standard training. The paper's
-**"sweet point"** (§4.8, Figs. 4–5): refining a model trained for too few epochs only fluctuates around
-its baseline (or helps in the first refining epoch only); after the sweet-point epoch every refinement
-beats the baseline. So start from a converged model or at a late ``start_epoch``.
-
-Checks before any work (``check``): the ``rounds·(cls_steps + linr_steps)`` steps must fit between the
-start of refinement (``start_epoch``, or 0) and ``trainer.max_epochs``; and refining the network as
-built (neither ``init_from`` nor a ``start_epoch`` > 0: a randomly initialised network, or an ImageNet
-backbone with random heads) is refused unless ``allow_untrained`` says so. A run that still ends before
-the last step (stopped by something else: ``max_steps``, ``max_time``, a divergence stop) warns at the end.
-
-While LinR runs, the main (Adam) optimizer is not stepped; its per-epoch learning-rate schedule still
-advances, which has no effect on LinR. Round, phase and random draws are functions of the number of
-refinement steps done, kept as a python int (read every step without a device synchronisation) and
-mirrored in the buffer ``steps_done``, which checkpoints save; loading a checkpoint sets the int from the
-buffer, so a resumed run continues exactly where it stopped.
+with the variants ``linrc`` (eq. 9), ``linrnl`` (no classification phase) and ``linrnm`` (eq. 10). While
+LinR owns the step (``owns_step``: from ``start_epoch``, or from step 0 after ``init_from``), no other
+regularizer acts: no input transform, loss term or gradient transform (coupled and decoupled L2 alike).
+Round, phase and random draws are functions of the refinement steps done (``steps_done``, checkpointed):
+a resumed run continues exactly. Equations, choices where the paper is silent (pairs, ``bn_mode``,
+``cls_loss``) and the start rules: docs/methods/linr.md.
 """
 
 from __future__ import annotations
@@ -85,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,11 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from reidreg.errors import ConfigError
-from reidreg.regularizers.base import LogDict, Regularizer, TrainingPlan
+from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainingPlan
 from reidreg.run_dir import network_weights, read_checkpoint
-
-if TYPE_CHECKING:
-    from reidreg.training.module import ReIDModule
+from reidreg.validation import boolean, choice, integer, mapping, number, optional, string
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +111,22 @@ def _mirror_loaded_step_count(module: LinR, incompatible_keys: Any) -> None:
 class LinR(Regularizer):
     """Refinement by alternating classification and LinR phases (Algorithm 1); see the module docstring."""
 
+    OPTION_RULES = {
+        "rounds": integer(min=1),
+        "cls_steps": integer(min=0),
+        "linr_steps": integer(min=1),
+        "alpha": number(gt=0),
+        "variant": choice(*VARIANTS),
+        "cls_loss": choice(*CLS_LOSSES),
+        "bn_mode": choice(*BN_MODES),
+        "cls_optimizer": optional(mapping()),
+        "linr_optimizer": optional(mapping()),
+        "init_from": optional(string()),
+        "start_epoch": optional(integer(min=0)),
+        "allow_untrained": boolean(),
+        "seed": integer(),
+    }
+
     def __init__(
         self,
         *,
@@ -193,30 +145,17 @@ class LinR(Regularizer):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ConfigError(f"regularizer.linr.variant must be one of {VARIANTS}, got {variant!r}")
-        if cls_loss not in CLS_LOSSES:
-            raise ConfigError(f"regularizer.linr.cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
-        if bn_mode not in BN_MODES:
-            raise ConfigError(f"regularizer.linr.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if init_from is not None and start_epoch is not None:
             raise ConfigError(
                 "regularizer.linr: set init_from (refine a checkpoint) or start_epoch (refine within this "
                 f"run), not both (got init_from={init_from!r}, start_epoch={start_epoch})"
             )
-        if rounds < 1 or linr_steps < 1 or cls_steps < 0 or alpha <= 0:
-            raise ConfigError(
-                "regularizer.linr needs rounds >= 1, linr_steps >= 1, cls_steps >= 0 and alpha > 0, got "
-                f"rounds={rounds}, linr_steps={linr_steps}, cls_steps={cls_steps}, alpha={alpha}"
-            )
-        if start_epoch is not None and start_epoch < 0:
-            raise ConfigError(f"regularizer.linr.start_epoch must be >= 0, got {start_epoch}")
         self.rounds, self.linr_steps, self.alpha = rounds, linr_steps, alpha
         self.cls_steps = 0 if variant == "linrnl" else cls_steps  # LinRNL: no classification phase
         self.variant, self.cls_loss, self.bn_mode = variant, cls_loss, bn_mode
         self.init_from, self.start_epoch, self.seed = init_from, start_epoch, seed
         self.allow_untrained = allow_untrained
-        # Paper §4.2 values when built from Python without a config.
+        # The paper's Sec. 4.2 values when built from Python without a config.
         self.cls_optimizer_factory = cls_optimizer or functools.partial(
             torch.optim.SGD, lr=3e-4, momentum=0.9, weight_decay=5e-4
         )
@@ -245,8 +184,9 @@ class LinR(Regularizer):
     def refine_from_epoch(self) -> int:
         return self.start_epoch or 0
 
-    def is_active(self, module: ReIDModule) -> bool:
-        return module.current_epoch >= self.refine_from_epoch
+    def owns_step(self, ctx: StepContext) -> bool:
+        """From ``start_epoch`` on, every step is a refinement step (no other regularizer acts in it)."""
+        return ctx.epoch >= self.refine_from_epoch
 
     # ------------------------------------------------------------------ hooks
     def check(self, plan: TrainingPlan) -> None:
@@ -260,8 +200,9 @@ class LinR(Regularizer):
             )
             raise ConfigError(
                 f"regularizer.linr would refine the network as built ({network}) from the first step: "
-                f"init_from=null, start_epoch={self.start_epoch}. LinR refines a trained model (paper 003 "
-                "§4.8, 'sweet point'): set regularizer.linr.init_from=<run>/checkpoints/best.ckpt, or "
+                f"init_from=null, start_epoch={self.start_epoch}. LinR refines a trained model (the "
+                "LinR paper's Sec. 4.8, 'sweet point'): set "
+                "regularizer.linr.init_from=<run>/checkpoints/best.ckpt, or "
                 "regularizer.linr.start_epoch=E to train normally for E epochs first, or "
                 "regularizer.linr.allow_untrained=true to refine it anyway"
             )
@@ -288,12 +229,12 @@ class LinR(Regularizer):
                 "set freeze_backbone_epochs=0 (refining a checkpoint) or a later regularizer.linr.start_epoch"
             )
 
-    def attach(self, module: ReIDModule) -> None:
+    def attach(self, module: Any) -> None:
         self.check_backbone_not_frozen(module.freeze_backbone_epochs)
         if self.init_from is not None:
             self.load_network(module, Path(self.init_from))
 
-    def load_network(self, module: ReIDModule, path: Path) -> None:
+    def load_network(self, module: Any, path: Path) -> None:
         """Load the network weights (``state_dict`` entries ``model.*``) of a reidreg Lightning checkpoint."""
         weights = network_weights(read_checkpoint(path, option="regularizer.linr.init_from"))
         try:
@@ -305,35 +246,32 @@ class LinR(Regularizer):
             ) from error
         log.info("LinR: network weights loaded from %s", path)
 
-    def extra_optimizers(self, module: ReIDModule) -> list[torch.optim.Optimizer]:
+    def extra_optimizers(self, module: Any) -> list[torch.optim.Optimizer]:
         self.phase_optimizers = [
             factory(params=module.model.parameters())
             for factory in (self.cls_optimizer_factory, self.linr_optimizer_factory)
         ]
         return self.phase_optimizers
 
-    def training_step(self, module: ReIDModule, batch: Any, batch_idx: int) -> LogDict | None:
-        if not self.is_active(module):
-            return None  # standard training until start_epoch
+    def phase_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> LogDict:
         step = self.step_count
         if step >= self.total_steps:
             return {}  # refinement done: keep the weights (only reached if the Trainer cannot stop yet)
         round_index, phase = self.phase_of(step)
-        images, labels = batch
         if phase == CLASSIFICATION_PHASE:
-            loss, logs = self.classification_loss(module, images, labels)
+            loss, logs = self.classification_loss(ctx, images, labels)
         else:
             # a and the pairs are a function of (seed, step): a resumed run draws the same ones.
             rng = np.random.default_rng([self.seed, step])
-            loss, logs = self.linr_loss(module.model, images, rng)
-        module.optimize(loss, self.lightning_optimizer(module, self.phase_optimizers[phase]))
+            loss, logs = self.linr_loss(ctx.model, images, rng)
+        ctx.optimize(loss, self.phase_optimizers[phase])
         self.step_count = step + 1
         self.steps_done.fill_(self.step_count)
         if step + 1 == self.total_steps:
-            module.trainer.should_stop = True  # Algorithm 1 line 8: return the refined θ
+            ctx.stop()  # Algorithm 1 line 8: return the refined θ
         return {"phase": float(phase), "round": float(round_index), **logs}
 
-    def on_train_end(self, module: ReIDModule) -> None:
+    def on_train_end(self, module: Any) -> None:
         # ``check`` made the rounds fit in the epochs; something else stopped the run (max_steps, max_time,
         # a divergence stop) or it started before that check.
         if self.step_count < self.total_steps:
@@ -348,7 +286,7 @@ class LinR(Regularizer):
 
     # ------------------------------------------------------------------ losses
     def classification_loss(
-        self, module: ReIDModule, images: torch.Tensor, labels: torch.Tensor
+        self, module: Any, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, LogDict]:
         """Algorithm 1 line 5: the ReID task loss (``task``), its label-smoothed CE terms (``ce``), or eq. 8's
         plain cross-entropy ``H(p, q) = −Σ_c p_c log q_c``, p one-hot (``ce_plain``), summed over modules.
@@ -395,15 +333,6 @@ class LinR(Regularizer):
         if self.variant == "linrc":
             logs["kept_class_share"] = torch.stack(kept_shares).mean()
         return kl, logs
-
-    @staticmethod
-    def lightning_optimizer(module: ReIDModule, optimizer: torch.optim.Optimizer):
-        """The Trainer's wrapper of ``optimizer``: its ``step`` does AMP unscaling, hooks, step counting."""
-        optimizers = module.optimizers()
-        for wrapped in optimizers if isinstance(optimizers, list) else [optimizers]:
-            if getattr(wrapped, "optimizer", wrapped) is optimizer:
-                return wrapped
-        raise RuntimeError("LinR's optimizers are not among the module's optimizers (configure_optimizers)")
 
     def extra_repr(self) -> str:
         return (

@@ -1,75 +1,45 @@
-"""SGP — Stochastic Gradient Perturbation (Zhou et al., IEEE TCSVT 2023; paper 002), *our reading*.
+"""SGP — Stochastic Gradient Perturbation, *our reading* of Zhou et al., "Stochastic Gradient Perturbation:
+An Implicit Regularizer for Person Re-Identification", IEEE TCSVT 2023 (only the abstract is public).
 
-Only the paper's abstract is public: no method text, no equation, no code. What the abstract fixes: SGP is
-an *implicit* regularizer (no extra data; one forward and one backward per step), derived from adversarial
-training by observing that adversarial data augmentation acts through the gradients, and it replaces AT's
-*directional* adversarial perturbation by a *non-directional stochastic* perturbation of the gradients.
-Everything below is our documented reading (METHODS.md §6), not the authors' formula:
+The abstract fixes an implicit regularizer, derived from adversarial training, that replaces AT's
+directional perturbation by a non-directional stochastic perturbation of the gradients. Our reading
+(docs, "SGP"), with probability ``p`` per step (one draw per step):
 
     g̃ = g + σ · rms(g) · ξ,    ξ ~ N(0, I),    rms(g) = sqrt(mean(g²)),
 
-applied, with probability ``p`` per training step (one draw per step), to
+applied to the feature-map gradients at ``sites`` (outputs of ``block1`` … ``block5``,
+``regional_block5``: a tensor hook armed by a forward hook, so everything upstream receives the
+perturbed gradient) and/or, as a gradient transform, to the network's parameter gradients
+(``param_grads``: after AMP unscaling and the DDP all-reduce). ``rms_over="sample"`` takes one RMS per
+sample of a feature map. The noise is relative, so a GradScaler's scale s cancels exactly in the
+feature hooks (s·g gets s·σ·rms(g)·ξ); RMS and noise are computed in float32.
 
-* feature-map gradients at chosen ``sites`` — the outputs of backbone stages ``block1`` … ``block5``
-  (``block5`` is the global branch's block 5) and ``regional_block5`` (the regional branches' copy): a
-  forward hook registers a tensor hook on the stage's output, so everything *upstream* of the site
-  (earlier layers and their parameters) receives the perturbed gradient, as an input perturbation at
-  that depth would cause; and/or
-* parameter gradients of the network (``param_grads``), just before the optimizer step.
-
-The noise is relative: σ is the noise-to-signal RMS ratio. ``rms_over="tensor"`` (default, the formula as
-written) takes one RMS per gradient tensor; ``"sample"`` takes one per sample of a feature map (rows of
-the batch dimension), so samples with small gradients get proportionally small noise. Parameter
-gradients always use the tensor's RMS.
-
-Mixed precision. Parameter gradients are perturbed in ``on_before_optimizer_step``, which Lightning runs
-after AMP unscaling, so they are never seen scaled. The feature-map hooks run inside the backward pass,
-where 16-bit AMP gradients are still multiplied by the GradScaler's scale s. This is correct as is,
-because the noise is relative: for the scaled gradient s·g the hook adds σ·rms(s·g)·ξ = s·σ·rms(g)·ξ,
-so g̃_scaled = s·(g + σ·rms(g)·ξ) = s·g̃, and unscaling yields exactly the perturbation of the unscaled
-gradient — whatever s is this step. RMS and noise are computed in float32 (no overflow of g² in float16)
-and the sum is cast back to the gradient's dtype. If the scaled gradient overflowed, its RMS is inf, the
-result is non-finite and the GradScaler skips the step and lowers s, as for any overflow.
-
-Randomness comes from generators seeded by (seed, global step) (``random_streams``): runs are
-reproducible, a resumed run draws what the uninterrupted one drew, and all DDP ranks draw the same numbers
-(parameter-gradient noise is added after the all-reduce, so the replicas stay identical). The step's
-on/off draw is made on a CPU generator, so that reading it is no device sync; the noise continues that
-stream when the gradients are on the CPU, and comes from a generator of the same (seed, step) on their
-device otherwise. Gradients of an attack's own forward/backward (adversarial training combined with SGP)
-are left exact. Hooks act only in training mode with autograd on, and only in steps whose draw is on.
-
-Cost (issue 10): parameter-gradient noise takes a fixed number of operators whatever the number of
-tensors. ξ of all of them is one draw into a flat float32 buffer seen as one view per gradient
-(``FlatViews``, kept while the gradients keep their shapes), in the optimizer's order; each view is
-scaled by σ·rms(gₙ) = σ·‖gₙ‖/√numelₙ, the norms from one fused ``_foreach_norm``, and added with one
-``_foreach_add_`` (in the gradient's dtype). On the CPU, one draw of N numbers equals consecutive draws of
-the tensors' sizes whenever each size is a multiple of 16, as for every tensor of a ResNet: torch's CPU
-normal sampler transforms its uniform numbers 16 at a time.
-
-Logs: ``active`` (0/1) every step and, when active, ``noise_ratio/<site>`` = rms(noise) / rms(g) of the
-step's application at each site (``params`` for parameter gradients: over all of them together).
+Feature hooks act only in the task forward pass of a standard step (``StepContext.stage == "task"``):
+an input transform's passes (an attack's) and a phase's (LinR's) keep exact gradients. Randomness
+comes from generators seeded by (seed, global step): reproducible, resume-exact, the same on every DDP
+rank; the on/off draw is on a CPU generator (no device sync). Parameter noise is one draw into a flat
+buffer seen as one view per gradient (``FlatViews``), a fixed number of operators for any number of
+tensors. Logs: ``active`` and ``noise_ratio/<site>`` (``params`` for parameter gradients).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from reidreg.attacks import attack_in_progress
 from reidreg.errors import ConfigError
-from reidreg.regularizers.base import LogDict, Regularizer
+from reidreg.regularizers.base import LogDict, Regularizer, StepContext
 from reidreg.regularizers.foreach import FlatViews, ParameterLookup
 from reidreg.regularizers.random_streams import step_generator
+from reidreg.validation import boolean, choice, integer, list_of, number
 
 if TYPE_CHECKING:
     from reidreg.models import ReIDModel
-    from reidreg.training.module import ReIDModule
 
 BACKBONE_SITES = ("block1", "block2", "block3", "block4", "block5")
 SITES = (*BACKBONE_SITES, "regional_block5")
@@ -78,6 +48,15 @@ PARAMS_SITE = "params"
 
 class SGP(Regularizer):
     """Add σ·rms(g)·ξ to gradients at feature-map ``sites`` and/or of the parameters, with probability p."""
+
+    OPTION_RULES = {
+        "sigma": number(ge=0),
+        "p": number(ge=0, le=1),
+        "sites": list_of(choice(*SITES)),
+        "param_grads": boolean(),
+        "rms_over": choice("tensor", "sample"),
+        "seed": integer(),
+    }
 
     def __init__(
         self,
@@ -91,28 +70,20 @@ class SGP(Regularizer):
     ) -> None:
         super().__init__()
         sites = tuple(sites)
-        if sigma < 0:
-            raise ConfigError(f"regularizer.sgp.sigma must be >= 0, got {sigma}")
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"regularizer.sgp.p must be in [0, 1], got {p}")
-        unknown = sorted(set(sites) - set(SITES))
-        if unknown:
-            raise ConfigError(f"regularizer.sgp.sites: unknown {unknown}; choose from {list(SITES)}")
         if not sites and not param_grads:
             raise ConfigError("regularizer.sgp perturbs nothing: give sites and/or set param_grads=true")
-        if rms_over not in ("tensor", "sample"):
-            raise ConfigError(f"regularizer.sgp.rms_over must be 'tensor' or 'sample', got {rms_over!r}")
         self.sigma, self.p, self.sites, self.param_grads = sigma, p, sites, param_grads
         self.rms_over, self.seed = rms_over, seed
         self._handles: list[RemovableHandle] = []
         self._active = False
+        self._step: StepContext | None = None  # the standard step being run; its stage arms the hooks
         self._generator: torch.Generator | None = None
         self._noise_ratios: dict[str, torch.Tensor] = {}
         self._network = ParameterLookup([])
         self._param_noise: FlatViews | None = None  # ξ of the parameter gradients, one view per gradient
 
     # ------------------------------------------------------------------ hooks of the interface
-    def attach(self, module: ReIDModule) -> None:
+    def attach(self, module: Any) -> None:
         self.remove_hooks()
         self._network = ParameterLookup([name for name, _ in module.model.named_parameters()])
         for site in self.sites:
@@ -125,17 +96,18 @@ class SGP(Regularizer):
             handle.remove()
         self._handles.clear()
 
-    def on_train_batch_start(self, module: ReIDModule, batch_idx: int) -> None:
-        device = next(module.model.parameters()).device
-        draws = step_generator(self.seed, module.global_step)  # on the CPU: reading the draw is no sync
+    def on_step_start(self, ctx: StepContext) -> None:
+        device = next(ctx.model.parameters()).device
+        draws = step_generator(self.seed, ctx.global_step)  # on the CPU: reading the draw is no sync
         self._active = bool(torch.rand((), generator=draws) < self.p)
         on_cpu = device.type == "cpu"
-        self._generator = draws if on_cpu else step_generator(self.seed, module.global_step, device)
+        self._generator = draws if on_cpu else step_generator(self.seed, ctx.global_step, device)
         self._noise_ratios = {}
+        self._step = ctx
 
-    def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
+    def transform_gradients(self, ctx: StepContext, optimizer: torch.optim.Optimizer) -> LogDict:
         if self._active and self.param_grads:
-            self._perturb_parameter_grads(module.model, optimizer)
+            self._perturb_parameter_grads(ctx.model, optimizer)
         logs: LogDict = {"active": float(self._active)}
         logs.update({f"noise_ratio/{site}": ratio for site, ratio in self._noise_ratios.items()})
         return logs
@@ -143,12 +115,13 @@ class SGP(Regularizer):
     # ------------------------------------------------------------------ the perturbation
     def _arm_site(self, site: str, stage: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         """Forward hook of a stage: perturb the gradient of its output in this step's backward."""
+        in_task_pass = self._step is not None and self._step.stage == "task"
         if (
             self._active
+            and in_task_pass
             and stage.training
-            and torch.is_grad_enabled()
             and output.requires_grad
-            and not attack_in_progress()
+            and torch.is_grad_enabled()
         ):
             output.register_hook(functools.partial(self._perturb_feature_grad, site))
 

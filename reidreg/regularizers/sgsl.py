@@ -1,70 +1,29 @@
-"""SGSL — Stop-Gradient Softmax Loss (paper 004, eqs. 6–7; METHODS §4; official code).
+"""SGSL — Stop-Gradient Softmax Loss, a loss term (Yang, Wang, Zhang, "Stop-Gradient Softmax Loss for Deep
+Metric Learning", AAAI 2023, eqs. 6–7, and its official code).
 
-A second, *cosine* softmax loss on each objective module that shares the identity classifier with the
-label-smoothed CE but lets no gradient reach that classifier. With x = the module's BN output (or, with
-``feature: embedding``, its retrieval embedding) and W its classifier rows, both L2-normalised, and W
-detached (Ŵ):
+Per objective module, with x its L2-normalised BN output (``feature: embedding``: its retrieval embedding)
+and Ŵ its classifier rows, L2-normalised and detached (the CE alone trains the classifier)::
 
-    s_p = cos(x, Ŵ_y)                                       (positive-proxy similarity)
-    s_n = LSE^γ_{j≠y} cos(x, Ŵ_j) = (1/γ) log Σ_{j≠y} exp(γ cos(x, Ŵ_j))   (soft max over the negatives)
-    L_SGSL = (1/N) Σ_i softplus(s_n − s_p)                 (eq. 6)
-    L = L_task + β · L_SGSL                                 (eq. 7; β as in the paper's Table 6)
+    s_p = cos(x, Ŵ_y),   s_n = (1/γ) log Σ_{j≠y} exp(γ cos(x, Ŵ_j)),   L_SGSL = mean softplus(s_n − s_p)
+    L = L_task + β · L_SGSL per module (``heads`` restricts the modules)
 
-The CE (via the shared classifier) keeps placing the class proxies W; SGSL only pulls each L2-normalised
-feature towards its own proxy and away from the nearest other one — the metric used at test time.
-Eq. 8's hinge max_{j≠y} cos − cos_y is the γ → ∞ limit; γ = 30 (paper default) is nearly that.
-
-Paper vs official code vs this file:
-
-- Eq. 7 has no β; the text (Table 6, "equation 10") weights SGSL by β, default 1.0. Official code: the
-  SGSL value is added to the CE before CE's own scale (1.0), i.e. β = 1. We expose β.
-- *Gate.* The paper says SGSL "starts to join the training only when the value of softmax is smaller
-  than 3". The official code checks the label-smoothed CE of **every batch**: CE > 3 → CE alone,
-  otherwise CE + SGSL (the gate can close again). We do the same, per objective module, with that
-  module's ``<head>/ce``; ``ce_gate=None`` adds SGSL in every batch. Our CE smooths as q' = (1−ε)q + ε/N
-  (paper 000 eq. 1) where the official code uses ε/(N−1) off-target — a negligible shift of the gate.
-  Under DDP each rank gates on the CE of its own share of the batch (the official code ran on one GPU).
-- The official code writes softplus as log(1 + exp(·)) and takes logsumexp over the negatives gathered
-  with a boolean mask; here the target is masked with −inf inside one logsumexp, and ``F.softplus`` is
-  used — the same values, without overflow.
-- *Heads and β.* The official model has one head (BNNeck); here every objective module (global + stripes)
-  gets its own SGSL term, on its own feature and classifier, unless ``heads`` restricts them. Each term
-  is weighted by β, so the three modules of the AdaptiveReID network add three terms of weight β: 3× the
-  paper's single-head weight. ``heads: [global]`` is the paper's single term; β/3 on all three keeps the
-  paper's total weight spread over the modules.
-- *Which feature* (``feature``). The paper puts SGSL on the BNNeck feature and argues that it helps
-  because training and test then share the L2-normalised feature (§1). In AdaptiveReID, retrieval uses
-  the clipped GAP feature *before* BN (the embedding), so with ``feature: bn`` (default, the paper's
-  placement) SGSL shapes a feature that retrieval does not use. ``feature: embedding`` puts the same
-  equations on the retrieval embedding instead; the proxies stay the (detached) classifier rows, which
-  CE learns in the BN output space — BN is a per-channel affine map, so on the embedding the proxies'
-  directions are compared with a feature in other coordinates (and, clipped to [0, 1], non-negative,
-  with no gradient through clipped channels). An option to measure, not the paper's setup.
-- *No host synchronisation.* The gate is a tensor: the term is ``where(CE ≤ gate, β·L_SGSL, 0)`` and the
-  feature enters L_SGSL as ``where(CE ≤ gate, x, x.detach())``, so a closed gate adds exactly 0 and
-  passes exactly no gradient (a selection, not a multiplication by 0, which would turn a non-finite
-  L_SGSL into NaN gradients); the logged values stay device tensors. Only when the CE is a CPU tensor
-  (training on the CPU), where reading it costs no synchronisation, does a closed gate build no graph
-  at all.
-
-Computed in (at least) float32 with autocast off: at γ = 30 an fp16 cosine (error ~1e-3) would move the
-exponents by ~0.03. RBR, the paper's other trick, is a backbone option (``backbone.rbr``, see
-``models/backbone.py``).
+Gate (official code): a module's term joins a batch only while its label-smoothed CE ≤ ``ce_gate``. The
+gate is a device tensor (``where``, no host sync); a closed gate adds exactly 0 and passes no gradient.
+Computed in at least float32 with autocast off. Logged per head: ``sgsl`` (added), ``l_sgsl`` (eq. 6,
+also while closed), ``gate_open``. Paper vs official code and the choices: docs/methods/sgsl.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from reidreg.errors import ConfigError
-from reidreg.regularizers.base import LogDict, Regularizer, TrainStep
-
-if TYPE_CHECKING:
-    from reidreg.training.module import ReIDModule
+from reidreg.regularizers.base import Regularizer, TrainStep
+from reidreg.validation import choice, list_of, number, optional, string
 
 FEATURES = ("bn", "embedding")
 
@@ -72,7 +31,7 @@ FEATURES = ("bn", "embedding")
 def stop_gradient_softmax_loss(
     features: torch.Tensor, class_weights: torch.Tensor, labels: torch.Tensor, *, gamma: float
 ) -> torch.Tensor:
-    """L_SGSL of paper 004 eq. 6 (batch mean) for features (B, D), classifier rows (C, D), labels (B,).
+    """L_SGSL of eq. 6 (batch mean) for features (B, D), classifier rows (C, D), labels (B,).
 
     The classifier rows are detached here, so the loss has a gradient w.r.t. ``features`` only.
     """
@@ -108,6 +67,14 @@ class SGSL(Regularizer):
     even while the gate is closed, with no gradient reaching the feature) and ``<head>/gate_open`` (1/0).
     """
 
+    OPTION_RULES = {
+        "gamma": number(gt=0),
+        "beta": number(),
+        "ce_gate": optional(number()),
+        "heads": optional(list_of(string())),
+        "feature": choice(*FEATURES),
+    }
+
     def __init__(
         self,
         *,
@@ -118,17 +85,10 @@ class SGSL(Regularizer):
         feature: str = "bn",
     ) -> None:
         super().__init__()
-        if gamma <= 0:
-            raise ConfigError(f"regularizer.sgsl.gamma must be > 0, got {gamma}")
-        if feature not in FEATURES:
-            raise ConfigError(f"regularizer.sgsl.feature must be one of {FEATURES}, got {feature!r}")
         self.gamma, self.beta, self.ce_gate, self.feature = float(gamma), float(beta), ce_gate, feature
         self.heads = tuple(heads) if heads is not None else None
-        # Diagnostics of the current step: loss_terms' values are all added to the loss, so values that
-        # must only be logged wait for the next hook that returns logs (on_before_optimizer_step).
-        self._pending_logs: LogDict = {}
 
-    def attach(self, module: ReIDModule) -> None:
+    def attach(self, module: Any) -> None:
         available = module.model.head_names
         unknown = sorted(set(self.heads or ()) - set(available))
         if unknown:
@@ -165,13 +125,9 @@ class SGSL(Regularizer):
                 )
             term = self.beta * value
             terms[f"{head}/sgsl"] = term if is_open is None else torch.where(is_open, term, 0.0)
-            self._pending_logs[f"{head}/l_sgsl"] = value.detach()
-            self._pending_logs[f"{head}/gate_open"] = 1.0 if is_open is None else is_open.float()
+            gate = 1.0 if is_open is None else is_open.float()
+            step.context.log(self, {f"{head}/l_sgsl": value, f"{head}/gate_open": gate})  # logged, not added
         return terms
-
-    def on_before_optimizer_step(self, module: ReIDModule, optimizer: torch.optim.Optimizer) -> LogDict:
-        logs, self._pending_logs = self._pending_logs, {}
-        return logs
 
     def extra_repr(self) -> str:
         options = (

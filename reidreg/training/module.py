@@ -1,16 +1,11 @@
-"""The LightningModule: one training step of the AdaptiveReID baseline, with regularizers plugged in.
+"""The LightningModule: the AdaptiveReID baseline trained by ``reidreg.training.step.TrainingStep``.
 
-A standard step reads top to bottom (``training_step``):
-
-1. every regularizer sees the step start and may replace the input images (adversarial training);
-2. forward → one ``HeadOutput`` per objective module → task loss (label-smoothed CE + triplet per module);
-3. every regularizer adds its loss terms (L2 penalties, SGSL) — each logged as ``reg/<name>/<term>``;
-4. backward; regularizers act on the (unscaled) gradients in ``on_before_optimizer_step`` (SGP);
-5. optimizer step. The learning rate is set at each epoch start (``training.schedule``).
-
-Optimisation is manual (``automatic_optimization = False``) so that a regularizer can run a different
-procedure with optimizers of its own (LinR) through the same ``optimize`` call; Lightning still handles
-precision, DDP gradient sync and checkpointing of every optimizer.
+Each training batch runs the public step with this run's regularizers as plug-ins (input transforms, loss
+terms, gradient transforms; see ``reidreg.regularizers.base``). Optimisation is manual
+(``automatic_optimization = False``) so that a phase (LinR) can step optimizers of its own through the
+same ``optimize`` call; Lightning still handles precision, the DDP gradient all-reduce and checkpointing
+of every optimizer. Gradient transforms run in ``on_before_optimizer_step``: after AMP unscaling and the
+all-reduce. The learning rate is set at each epoch start (``training.schedule``).
 
 Validation and test extract flip-averaged embeddings and evaluate them with ``ReIDMetric`` (gathered
 across DDP ranks); the metrics are logged as ``val/*`` and ``test/*``.
@@ -29,9 +24,10 @@ from torch import nn
 from reidreg.evaluation import ReIDMetric
 from reidreg.losses import ReIDLoss
 from reidreg.models import ReIDModel
-from reidreg.regularizers import LogDict, TrainStep
+from reidreg.regularizers import StepContext
 from reidreg.run_dir import STORED_CONFIG_KEY
 from reidreg.training.schedule import set_epoch_lr
+from reidreg.training.step import TrainingStep
 
 REPORTED_METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 
@@ -62,12 +58,20 @@ class ReIDModule(pl.LightningModule):
         self.run_dir = Path(run_dir)
         self.val_metric = ReIDMetric(metric=eval_metric)
         self.test_metric = ReIDMetric(metric=eval_metric, rerank=rerank_test)
-        self._pending_logs: dict[str, float | torch.Tensor] = {}  # this step's logs, see _flush_logs
+        self.step = TrainingStep(self.regularizers.values())
+        self.context = StepContext(self.model, self.loss, stage="done")  # the current step's
         self.last_step_loss: torch.Tensor | None = None  # the loss optimised in the latest step
         # The resolved run config, stored in every checkpoint so that `reidreg.evaluate` can rebuild the run.
         self.run_config: dict[str, Any] | None = None
         for regularizer in self.regularizers.values():
             regularizer.attach(self)
+        ignored = [
+            f"regularizers.{reg.name}.{param}"
+            for reg in self.regularizers.values()
+            for param in reg.ddp_ignored_parameters()
+        ]
+        # Gradients set after the all-reduce, the same on every rank: DDP neither waits for nor averages them.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -81,7 +85,7 @@ class ReIDModule(pl.LightningModule):
         return optimizers[0] if isinstance(optimizers, list) else optimizers
 
     def optimize(self, loss: torch.Tensor, optimizer) -> None:
-        """zero_grad → backward (AMP-scaled) → step; ``on_before_optimizer_step`` runs in between.
+        """A phase's optimizer step: zero_grad → backward (AMP-scaled) → step (no gradient transforms).
 
         The loss stays on the device as ``last_step_loss`` (for the divergence guard and progress display).
         """
@@ -90,9 +94,16 @@ class ReIDModule(pl.LightningModule):
         optimizer.step()
         self.last_step_loss = loss.detach()
 
+    def lightning_optimizer(self, optimizer: torch.optim.Optimizer):
+        """The Trainer's wrapper of ``optimizer``: its ``step`` does AMP unscaling, hooks, step counting."""
+        optimizers = self.optimizers()
+        for wrapped in optimizers if isinstance(optimizers, list) else [optimizers]:
+            if getattr(wrapped, "optimizer", wrapped) is optimizer:
+                return wrapped
+        raise RuntimeError("an optimizer of a regularizer is not among the module's (configure_optimizers)")
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for regularizer in self.regularizers.values():
-            self.log_regularizer(regularizer.name, regularizer.on_before_optimizer_step(self, optimizer))
+        self.step.transform_gradients(self.context, optimizer)
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
@@ -120,45 +131,28 @@ class ReIDModule(pl.LightningModule):
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        self._pending_logs = {}
-        for regularizer in self.regularizers.values():
-            regularizer.on_train_batch_start(self, batch_idx)
-        for regularizer in self.regularizers.values():
-            logs = regularizer.training_step(self, batch, batch_idx)
-            if logs is not None:  # this regularizer runs its own procedure for this step (LinR)
-                self.log_regularizer(regularizer.name, logs)
-                self._flush_logs()
-                return
-        self._standard_step(*batch)
-        self._flush_logs()
-
-    def _standard_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        for regularizer in self.regularizers.values():
-            images, logs = regularizer.prepare_inputs(self, images, labels)
-            self.log_regularizer(regularizer.name, logs)
-        outputs = self.model(images)
-        task_losses = self.loss(outputs, labels)
-        step = TrainStep(
-            model=self.model,
-            images=images,
-            labels=labels,
-            outputs=outputs,
-            task_losses=task_losses,
+        images, labels = batch
+        self.context = StepContext(
+            self.model,
+            self.loss,
             global_step=self.global_step,
             epoch=self.current_epoch,
+            batch_idx=batch_idx,
+            optimize=lambda loss, optimizer: self.optimize(loss, self.lightning_optimizer(optimizer)),
+            stop=lambda: setattr(self.trainer, "should_stop", True),
         )
-        loss = task_losses["total"]
-        for regularizer in self.regularizers.values():
-            terms = regularizer.loss_terms(step)
-            for term in terms.values():
-                loss = loss + term
-            self.log_regularizer(regularizer.name, terms)
-        self.optimize(loss, self.main_optimizer)
-
-        self._pending_logs["train/loss"] = loss.detach()
-        for name, value in task_losses.items():
-            if name != "total":
-                self._pending_logs[f"train/{name}"] = value.detach()
+        main = self.main_optimizer
+        loss = self.step(
+            self.context,
+            images,
+            labels,
+            main.optimizer,
+            backward=self.manual_backward,
+            optimizer_step=main.step,
+        )
+        if loss is not None:
+            self.last_step_loss = loss
+        self._flush_logs(self.context.logs)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
@@ -194,14 +188,7 @@ class ReIDModule(pl.LightningModule):
             checkpoint[STORED_CONFIG_KEY] = self.run_config
 
     # ------------------------------------------------------------------ logging helpers
-    def log_regularizer(self, name: str, values: LogDict) -> None:
-        """Log a regularizer's values as ``reg/<name>/<key>`` at the end of the current step."""
-        for key, value in values.items():
-            self._pending_logs[f"reg/{name}/{key}"] = (
-                value.detach() if isinstance(value, torch.Tensor) else value
-            )
-
-    def _flush_logs(self) -> None:
+    def _flush_logs(self, logs: dict[str, float | torch.Tensor]) -> None:
         """Write this step's values straight to the loggers, every ``trainer.log_every_n_steps`` steps.
 
         Not through ``self.log``: Lightning re-emits the last value of a key at steps that did not log it
@@ -209,8 +196,8 @@ class ReIDModule(pl.LightningModule):
         hook (``on_before_optimizer_step``) logs in between. Values stay on the device until a step that
         writes them: reading a GPU value waits for the GPU, so it happens once per written step only.
         """
-        if self.global_step % self.trainer.log_every_n_steps == 0 and self._pending_logs:
-            values = {k: float(v) for k, v in self._pending_logs.items()}  # one synchronisation per write
+        if self.global_step % self.trainer.log_every_n_steps == 0 and logs:
+            values = {k: float(v) for k, v in logs.items()}  # one synchronisation per write
             for logger in self.loggers:
                 logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step - 1)
 

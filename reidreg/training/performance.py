@@ -17,7 +17,7 @@ On a CUDA GPU:
   ``non_blocking=True``, which overlaps the copy with compute only from pinned memory.
 * fused Adam/AdamW (one kernel for all parameters) — not under a GradScaler (``16-mixed``): Lightning
   then leaves unscaling to the fused step, after ``on_before_optimizer_step``, where regularizers act on
-  gradients that must be unscaled (``Regularizer.on_before_optimizer_step``).
+  gradients that must be unscaled (``Regularizer.transform_gradients``).
 * ``model.compile=true`` (off by default): ``torch.compile`` of the network's forward as one graph (see
   ``compile_network``; refused with forward hooks on the network, i.e. SGP's feature-map sites).
 """

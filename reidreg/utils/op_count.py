@@ -15,8 +15,8 @@ separately as ``host_reads``: on a GPU each is a device sync.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,36 +68,21 @@ class OpCounter(TorchDispatchMode):
         return sum(self.by_name.values())
 
 
-def standard_step_to_backward(
-    module: Any,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    autocast: contextlib.AbstractContextManager | None = None,
-) -> None:
-    """``ReIDModule``'s standard step up to (not including) the optimizer step, driven without a Trainer.
-
-    The regularizer hooks run in the module's order: step start, input change, forward (under ``autocast``),
-    task loss and loss terms, zero_grad, backward, ``on_before_optimizer_step``. For counting the operators
-    of a step (the op-count test and ``benchmarks/regularizer_ops.py``).
-    """
-    from reidreg.regularizers import TrainStep
-
-    regularizers = list(module.regularizers.values())
-    with autocast or contextlib.nullcontext():
-        for regularizer in regularizers:
-            regularizer.on_train_batch_start(module, 0)
-        for regularizer in regularizers:
-            images, _ = regularizer.prepare_inputs(module, images, labels)
-        outputs = module.model(images)
-        task_losses = module.loss(outputs, labels)
-        step = TrainStep(module.model, images, labels, outputs, task_losses, global_step=0, epoch=0)
-        loss = task_losses["total"]
-        for regularizer in regularizers:
-            for term in regularizer.loss_terms(step).values():
-                loss = loss + term
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for regularizer in regularizers:
-        regularizer.on_before_optimizer_step(module, optimizer)
+def count_step(run: Callable[[], Any], optimizer: torch.optim.Optimizer) -> tuple[OpCounter, OpCounter]:
+    """Count the operators of ``run()`` (one training step), split into (everything but ``optimizer``'s
+    ``step()``, that ``step()`` alone): the optimizer step is counted through its pre/post hooks."""
+    inner = OpCounter()
+    hooks = [
+        optimizer.register_step_pre_hook(lambda *_: None if inner.__enter__() else None),
+        optimizer.register_step_post_hook(lambda *_: inner.__exit__(None, None, None)),
+    ]
+    try:
+        with OpCounter() as whole:
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    outside = OpCounter()
+    outside.by_name = whole.by_name - inner.by_name
+    outside.host_reads = whole.host_reads - inner.host_reads
+    return outside, inner
