@@ -1,6 +1,7 @@
-"""Every option validated before any work (reidreg/validation.py): bad values are refused with the dotted
-key, the value and what is allowed; every preset and study passes; folders are probed without leaving
-anything behind; the Hydra callback refuses a bad command line before Hydra creates the run folder."""
+"""Every option validated before any work (reidreg/options/): bad values are refused with the dotted key,
+the value and what is allowed; unknown keys get "did you mean"; a regularizer's own rules are applied;
+every preset and study passes; folders are probed without leaving anything behind; the Hydra callback
+refuses a bad command line before Hydra creates the run folder."""
 
 from __future__ import annotations
 
@@ -19,25 +20,19 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from reidreg.errors import ConfigError
-from reidreg.utils.config import register_resolvers
-from reidreg.validation import (
+from reidreg.options.callback import ValidateBeforeRun
+from reidreg.options.check import leaf_keys, validate_config
+from reidreg.options.folders import check_data_dir, check_output_dir, check_paths, synthetic_needs_generation
+from reidreg.options.relations import feature_rows, stripes_cut
+from reidreg.options.tables import (
     ACCELERATORS,
     DATASETS,
     MONITORED,
     PRECISIONS,
     STRATEGIES,
     TRAIN_OPTIONS,
-    ValidateBeforeRun,
-    check_data_dir,
-    check_evaluate_paths,
-    check_output_dir,
-    check_train_paths,
-    feature_rows,
-    stripes_cut,
-    synthetic_needs_generation,
-    validate_evaluate_config,
-    validate_train_config,
 )
+from reidreg.utils.config import register_resolvers
 from tests.conftest import CONF_DIR, compose_config
 from tests.test_sweeps import STUDIES, compose_study, study_file, swept_values
 
@@ -49,7 +44,16 @@ GROUP_KEYS = {
     "dataset.options.combine_val": "dataset=msmt17",
     "optim.optimizer.momentum": None,  # an SGD optimizer's; no optim option uses SGD yet
     "trainer.sync_batchnorm": "trainer=ddp",
+    **{key: "logger=wandb" for key in TRAIN_OPTIONS if key.startswith("logger.wandb.")},
 }
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    validate_config(cfg, "train")
+
+
+def validate_evaluate_config(cfg: DictConfig) -> None:
+    validate_config(cfg, "evaluate")
 
 
 def error_of(check, *args, **kwargs) -> str:
@@ -128,7 +132,18 @@ BAD_TRAIN_VALUES = [
     ),
     ("test=yes", "test='yes': expected true or false"),
     ("ckpt_path=5", "ckpt_path=5: expected null or a non-empty string"),
-    ("+regularizer.bogus.lam=1", "regularizer.bogus: expected a regularizer config node with a _target_"),
+    # keys no component reads, and a regularizer's options without the regularizer
+    ("+data.num_identites=8", "unknown option data.num_identites; did you mean data.num_identities?"),
+    ("+regularizer.bogus.lam=1", "regularizer.bogus: unknown regularizer; expected one of adaptive_l2,"),
+    (
+        "+regularizer.constant_l2.lam=0.01",
+        "regularizer.constant_l2.lam: the regularizer constant_l2 is not selected; add "
+        "regularizer=constant_l2",
+    ),
+    (
+        "+trainer.gradient_clip_vl=1",
+        "unknown option trainer.gradient_clip_vl; did you mean trainer.gradient_",
+    ),
     # relations between options
     ("data.num_instances=1", "data.num_instances=1: expected an integer >= 2 with loss.triplet=true"),
     ("data.num_identities=1", "data.num_identities=1: expected an integer >= 2 with loss.triplet=true"),
@@ -145,6 +160,9 @@ BAD_TRAIN_VALUES = [
     ("++divergence.check_every_n_steps=0", "divergence.check_every_n_steps=0: expected an integer >= 1"),
     ("++progress.mode=fancy", "progress.mode='fancy': expected one of auto, bar, lines, off"),
     ("++progress.every_n_steps=0", "progress.every_n_steps=0: expected an integer >= 1"),
+    ("progress.every_n_seconds=-1", "progress.every_n_seconds=-1: expected null or a number > 0"),
+    ("progress.throughput_warmup_steps=-1", "progress.throughput_warmup_steps=-1: expected an integer >= 0"),
+    ("data.pipeline=tpu", "data.pipeline='tpu': expected one of auto, cpu, gpu"),
 ]
 
 
@@ -243,18 +261,22 @@ def test_choices_match_lightning_and_reidreg():
     assert tuple(_DATASET_OPTIONS) == DATASETS
 
 
-def test_every_table_key_exists_in_the_config(tmp_path):
-    """No typo in the table: each key is in the composed config (or group-specific)."""
-    from omegaconf import OmegaConf
+def keys_and_nodes(cfg: DictConfig) -> set[str]:
+    """Every dotted key of ``cfg``, values and the nodes that hold them, unresolved."""
+    leaves = set(leaf_keys(cfg))
+    return leaves | {leaf.rsplit(".", i)[0] for leaf in leaves for i in range(1, leaf.count(".") + 1)}
 
-    cfg = compose_config(tmp_path)
+
+def test_every_table_key_exists_in_the_config(tmp_path):
+    """No typo in the table: each key is in the composed config (or group-specific). The converse (every
+    key of a config is in the table) is what the presets below pass."""
+    present = keys_and_nodes(compose_config(tmp_path))
     for key in TRAIN_OPTIONS:
-        if key in GROUP_KEYS:
-            continue
-        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
+        if key not in GROUP_KEYS:
+            assert key in present, key
     for key, override in GROUP_KEYS.items():
         if override:
-            assert OmegaConf.select(compose_train(override), key, default="<absent>") != "<absent>", key
+            assert key in keys_and_nodes(compose_train(override)), key
 
 
 # ------------------------------------------------------------------- presets and studies pass
@@ -418,7 +440,9 @@ def test_a_file_where_a_folder_is_expected(tmp_path):
 
 def test_too_little_free_space(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("reidreg.validation.shutil.disk_usage", lambda path: usage(10 * 2**30, 0, 50 * 2**20))
+    monkeypatch.setattr(
+        "reidreg.options.folders.shutil.disk_usage", lambda path: usage(10 * 2**30, 0, 50 * 2**20)
+    )
     message = error_of(check_output_dir, tmp_path)
     assert message == (
         f"paths.output_dir='{tmp_path}': only 0.05 GiB free on its file system, at least 1.00 GiB needed "
@@ -440,13 +464,13 @@ def test_read_only_data_dir_is_fine_once_the_synthetic_dataset_is_complete(tmp_p
     options = dict(cfg.dataset.options)
     assert synthetic_needs_generation(data, options)
     with read_only(data, mechanism):
-        assert error_of(check_train_paths, cfg).startswith(f"paths.data_dir='{data}': not writable (")
+        assert error_of(check_paths, cfg).startswith(f"paths.data_dir='{data}': not writable (")
     build_dataset("synthetic", data, verbose=False, **options)
     assert not synthetic_needs_generation(data, options)
     folder = next(data.iterdir())
     assert not synthetic_needs_generation(folder, options)  # the dataset folder itself
     with read_only(data, mechanism):
-        check_train_paths(cfg)
+        check_paths(cfg)
         assert (
             len(build_dataset("synthetic", data, verbose=False, **options).train) > 0
         )  # reads, writes nothing
@@ -457,31 +481,32 @@ def test_path_problems_are_listed_together(tmp_path):
     cfg = compose_config(
         tmp_path, f"paths.output_dir={tmp_path / 'file' / 'run'}", f"ckpt_path={tmp_path / 'last.ckpt'}"
     )
-    assert error_of(check_train_paths, cfg).splitlines() == [
+    assert error_of(check_paths, cfg).splitlines() == [
         "2 invalid options:",
-        f"  ckpt_path='{tmp_path / 'last.ckpt'}': no such file; expected a checkpoint of reidreg.train "
+        f"  ckpt_path='{tmp_path / 'last.ckpt'}': does not exist; expected a checkpoint of reidreg.train "
         "(a .ckpt file)",
         f"  paths.output_dir='{tmp_path / 'file' / 'run'}': '{tmp_path / 'file'}' is a file, not a folder",
     ]
     (tmp_path / "last.ckpt").write_text("")
-    check_train_paths(compose_config(tmp_path, f"ckpt_path={tmp_path / 'last.ckpt'}"))
+    check_paths(compose_config(tmp_path, f"ckpt_path={tmp_path / 'last.ckpt'}"))
     evaluate = compose_evaluate(f"paths.output_dir={tmp_path / 'eval'}", f"paths.data_dir={tmp_path}")
-    assert "ckpt_path='run/checkpoints/best.ckpt': no such file" in error_of(check_evaluate_paths, evaluate)
+    assert "ckpt_path='run/checkpoints/best.ckpt': does not exist" in error_of(check_paths, evaluate)
 
 
 # ------------------------------------------------------------------------------ before any work
-def test_validation_imports_no_torch_lightning_or_timm(tmp_path):
+def test_option_checks_import_no_torch_lightning_or_timm(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from reidreg.validation import check_train_paths, validate_evaluate_config, validate_train_config
+from reidreg.options.check import leaf_keys, validate_config
+from reidreg.options.folders import check_paths
 from hydra import compose, initialize_config_dir
 from tests.conftest import CONF_DIR, compose_config
 cfg = compose_config(Path({str(tmp_path)!r}))
-validate_train_config(cfg)
-check_train_paths(cfg)
+validate_config(cfg, "train")
+check_paths(cfg)
 with initialize_config_dir(CONF_DIR, version_base="1.3"):
-    validate_evaluate_config(compose("evaluate", overrides=["ckpt_path=x.ckpt", "attack=pgd"]))
+    validate_config(compose("evaluate", overrides=["ckpt_path=x.ckpt", "attack=pgd"]), "evaluate")
 heavy = sorted({{"torch", "pytorch_lightning", "lightning", "lightning_fabric", "timm"}} & set(sys.modules))
 assert not heavy, heavy
 """
@@ -542,7 +567,7 @@ def test_evaluate_cli_refuses_a_missing_checkpoint_before_creating_the_run_folde
     )
     assert (result.returncode, result.stderr) == (
         2,
-        f"error: ckpt_path='{checkpoint}': no such file; expected a checkpoint of reidreg.train "
+        f"error: ckpt_path='{checkpoint}': does not exist; expected a checkpoint of reidreg.train "
         "(a .ckpt file)\n",
     )
     assert listing(tmp_path) == []
