@@ -33,6 +33,7 @@ from reidreg.options.tables import (
     TRAIN_OPTIONS,
 )
 from reidreg.utils.config import register_resolvers
+from tests import toy_regularizer
 from tests.conftest import CONF_DIR, compose_config
 from tests.test_sweeps import STUDIES, compose_study, study_file, swept_values
 
@@ -237,6 +238,57 @@ def test_stripe_rule_matches_the_model():
                     num_stripes,
                     height,
                 )
+
+
+# ---------------------------------------------------------------------- a regularizer's own options
+TOY = toy_regularizer.SELECT
+
+
+def test_a_regularizers_options_are_checked_by_its_own_rules(tmp_path):
+    validate_train_config(compose_config(tmp_path, TOY, "+regularizer.toy.lam=0.01"))
+    cfg = compose_config(tmp_path, TOY, "+regularizer.toy.lam=abc", "+regularizer.toy.mode=both")
+    assert error_of(validate_train_config, cfg).splitlines() == [
+        "2 invalid options:",
+        "  regularizer.toy.lam='abc': expected a number >= 0",
+        "  regularizer.toy.mode='both': expected one of coupled, decoupled",
+    ]
+    cfg = compose_config(tmp_path, TOY, "+regularizer.toy.lamda=1")
+    assert error_of(validate_train_config, cfg) == (
+        "unknown option regularizer.toy.lamda; did you mean regularizer.toy.lam?"
+    )
+
+
+def test_a_regularizer_is_imported_only_once_the_cheap_checks_pass(tmp_path):
+    missing = "+regularizer.toy._target_=reidreg.regularizers.no_such_module.Toy"
+    cfg = compose_config(tmp_path, missing, "data.num_instances=0")
+    assert error_of(validate_train_config, cfg) == "data.num_instances=0: expected an integer >= 1"
+    assert error_of(validate_train_config, compose_config(tmp_path, missing)).startswith(
+        "regularizer.toy._target_='reidreg.regularizers.no_such_module.Toy': cannot be imported ("
+    )
+
+
+def test_a_keyword_of_a_foreign_class_is_accepted_and_a_typo_is_not(tmp_path):
+    """``trainer`` builds Lightning's Trainer: any of its keywords may be added, nothing else."""
+    validate_train_config(compose_config(tmp_path, "+trainer.gradient_clip_val=1.0"))
+    assert error_of(validate_train_config, compose_config(tmp_path, "+trainer.gradient_clip=1.0")) == (
+        "unknown option trainer.gradient_clip; did you mean trainer.gradient_clip_val?"
+    )
+
+
+def test_extract_and_export_options_are_checked_by_their_tables(tmp_path):
+    checkpoint = tmp_path / "best.ckpt"
+    checkpoint.write_text("")
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        extract = compose("extract", overrides=[f"ckpt_path={checkpoint}", "images=x", "out=f.csv"])
+        export = compose("export", overrides=[f"ckpt_path={checkpoint}", "out=model.pt", "+opset=17"])
+    assert error_of(validate_config, extract, "extract") == (
+        "out='f.csv': expected a file named <file>.npz or <file>.safetensors"
+    )
+    assert error_of(validate_config, export, "export").splitlines() == [
+        "2 invalid options:",
+        "  unknown option opset",
+        "  out='model.pt': expected a file named <file>.onnx (format=onnx)",
+    ]
 
 
 # ---------------------------------------------------------------------- the tables match the code
@@ -501,6 +553,7 @@ from pathlib import Path
 from reidreg.options.check import leaf_keys, validate_config
 from reidreg.options.folders import check_paths
 from hydra import compose, initialize_config_dir
+from tests import toy_regularizer
 from tests.conftest import CONF_DIR, compose_config
 cfg = compose_config(Path({str(tmp_path)!r}))
 validate_config(cfg, "train")
