@@ -12,7 +12,6 @@ torch and onnx are imported only once the options have been checked, so that a t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from omegaconf import DictConfig
 from reidreg.deploy.image_list import list_images
 from reidreg.errors import ConfigError
 from reidreg.options.check import validate_before_work
+from reidreg.run_dir import staged
 from reidreg.utils.cli import command, run_cli
 
 CHECK_IMAGES = 16  # real images in the check: the first ones of check_images
@@ -69,14 +69,9 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         inputs["real"] = read_images(real, image_transform(run_config), height=shape[1], width=shape[2])
 
     export, load = exporters.EXPORTERS[cfg.format]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    try:
+    with staged(out) as partial:
         export(network, partial, torch.randn(exporters.EXAMPLE_BATCH, *shape, generator=generator))
         errors = exporters.check_export(load(partial), network, inputs, format_name=cfg.format)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
 
     embedding_dim = network.model.embedding_dim
     metadata: dict[str, Any] = {

@@ -28,6 +28,7 @@ from reidreg.reporting.environment import environment_differences, shared_enviro
 from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
 from reidreg.reporting.table import Row, build_rows, legend, markdown_table, write_csv
+from reidreg.run_dir import RunDir
 
 
 def _last_error_line(log_file: Path) -> str | None:
@@ -70,7 +71,7 @@ def describe_unfinished(run: Run) -> str:
         item.append(
             f"  job log `{run.log_file}`" + (f", last error: `{error}`" if error else ", no error in it")
         )
-    last = run.run_dir / "checkpoints" / "last.ckpt"
+    last = RunDir(run.run_dir).last
     if run.status in ("interrupted", "running") and last.is_file():
         item.append(f"  resume with `ckpt_path={last}`")
     submitit = run.run_dir.parent / ".submitit"

@@ -54,7 +54,7 @@ def _compose_flat(overrides: Sequence[str]) -> dict:
     """The unresolved config ``python -m reidreg.train`` composes with ``overrides``, flattened."""
     from hydra.core.hydra_config import HydraConfig
 
-    from reidreg.training.resume import flatten
+    from reidreg.utils.config import flatten
 
     config = hydra.compose(HydraConfig.get().job.config_name, overrides=list(overrides))
     return flatten(OmegaConf.to_container(config, resolve=False))

@@ -306,7 +306,7 @@ def test_init_from_loads_the_network_weights_of_a_checkpoint(tmp_path):
     state = {f"model.{k}": v for k, v in source.state_dict().items()}
     state["regularizers.other.theta"] = torch.zeros(3)  # not the network's: ignored
     path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": state, "epoch": 7}, path)
+    torch.save({"state_dict": state, "epoch": 7, "reidreg_config": {}}, path)
     module = FakeModule(LinR(init_from=str(path)))
     for name, value in source.state_dict().items():
         assert torch.equal(module.model.state_dict()[name], value)
@@ -318,13 +318,17 @@ def test_init_from_errors_name_the_option_and_the_path(tmp_path):
         FakeModule(LinR(init_from=str(missing)))
     other = tmp_path / "other.ckpt"
     torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in TwoHeadNet(num_classes=3).state_dict().items()}}, other
+        {
+            "state_dict": {f"model.{k}": v for k, v in TwoHeadNet(num_classes=3).state_dict().items()},
+            "reidreg_config": {},
+        },
+        other,
     )
     with pytest.raises(ConfigError, match=r"init_from.*other\.ckpt"):
         FakeModule(LinR(init_from=str(other)))
     plain = tmp_path / "plain.pt"
     torch.save(TwoHeadNet().state_dict(), plain)
-    with pytest.raises(ConfigError, match=r"init_from.*plain\.pt.*not a Lightning checkpoint"):
+    with pytest.raises(ConfigError, match=r"init_from.*plain\.pt.*not a reidreg.train checkpoint"):
         FakeModule(LinR(init_from=str(plain)))
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reidreg.training.checkpointing import AtomicCheckpointIO, remove_stale_temporaries
+from reidreg.run_dir import remove_temporaries
+from reidreg.training.checkpointing import AtomicCheckpointIO
 from reidreg.training.resume import resumed_config
 from tests.conftest import TINY_OVERRIDES, compose_config
 
@@ -213,5 +214,5 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_file_intact(tmp_pa
     assert torch.load(path, weights_only=False) == {"step": 1}
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert leftovers  # the killed write's temporary file, which the next run removes
-    remove_stale_temporaries(tmp_path)
+    remove_temporaries(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

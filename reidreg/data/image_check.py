@@ -26,7 +26,6 @@ import os
 import stat
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from reidreg.data.datasets import DatasetError
+from reidreg.run_dir import atomic_write
 
 CACHE_VERSION = 1
 NUM_LISTED = 5  # broken files named in the error besides the first
@@ -130,15 +130,8 @@ def _read_manifest(cache_file: Path) -> dict[str, Signature]:
 
 
 def _write_manifest(cache_file: Path, images: dict[str, Signature]) -> None:
-    """Write atomically (temporary file + rename), with the umask's permissions, as the data files."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "w") as stream:
-            json.dump({"version": CACHE_VERSION, "images": dict(sorted(images.items()))}, stream)
-        os.replace(temporary, cache_file)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write atomically, with the umask's permissions, as the data files."""
+    atomic_write(cache_file, json.dumps({"version": CACHE_VERSION, "images": dict(sorted(images.items()))}))
 
 
 def _broken_message(broken: list[tuple[str, str]], total: int) -> str:

@@ -10,12 +10,13 @@ and the others are header metadata (``paths`` as a JSON list, ``flip`` as ``"tru
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from reidreg.run_dir import staged
 
 FEATURE_SUFFIXES = (".npz", ".safetensors")
 
@@ -26,19 +27,17 @@ def save_features(
     """Write a feature file; it appears complete or not at all (written beside it, then renamed)."""
     if path.suffix not in FEATURE_SUFFIXES:
         raise ValueError(f"feature files end in {' or '.join(FEATURE_SUFFIXES)}, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     features = np.ascontiguousarray(features, dtype=np.float32)
-    if path.suffix == ".npz":
-        with partial.open("wb") as file:
-            names = np.array(paths, dtype=str)
-            np.savez(file, features=features, paths=names, checkpoint=checkpoint, flip=flip)
-    else:
-        from safetensors.numpy import save_file
+    with staged(path) as partial:
+        if path.suffix == ".npz":
+            with partial.open("wb") as file:
+                names = np.array(paths, dtype=str)
+                np.savez(file, features=features, paths=names, checkpoint=checkpoint, flip=flip)
+        else:
+            from safetensors.numpy import save_file
 
-        metadata = {"paths": json.dumps(list(paths)), "checkpoint": checkpoint, "flip": json.dumps(flip)}
-        save_file({"features": features}, str(partial), metadata=metadata)
-    os.replace(partial, path)
+            metadata = {"paths": json.dumps(list(paths)), "checkpoint": checkpoint, "flip": json.dumps(flip)}
+            save_file({"features": features}, str(partial), metadata=metadata)
 
 
 def load_features(path: str | Path) -> dict[str, Any]:

@@ -13,31 +13,14 @@ import torch
 
 from reidreg.errors import ConfigError
 from reidreg.models.reid_model import ReIDModel, build_reid_model
+from reidreg.run_dir import STORED_CONFIG_KEY, network_weights, read_checkpoint
 from reidreg.utils.config import instantiate
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The run config stored in a reidreg checkpoint and the network's weights (``model.`` prefix removed)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} does not exist; expected a .ckpt file from reidreg.train."
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # any failure to unpickle means: not a checkpoint we can read
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} is not a reidreg.train checkpoint (torch.load failed: {reason})."
-        ) from None
-    if not isinstance(checkpoint, dict) or "reidreg_config" not in checkpoint:
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} is not a reidreg.train checkpoint (no stored run config)."
-        )
-    weights = {
-        k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
-    }
-    return checkpoint["reidreg_config"], weights
+    checkpoint = read_checkpoint(path)
+    return checkpoint[STORED_CONFIG_KEY], network_weights(checkpoint)
 
 
 def build_model(run_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> ReIDModel:

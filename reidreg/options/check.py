@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from reidreg.options.tables import (
     OPEN_NODES,
     TRAIN_OPTIONS,
 )
+from reidreg.utils.config import flatten
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the commands' config_path="../conf"
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -86,21 +87,16 @@ def _select(cfg: DictConfig, key: str) -> Any:
 _SET_ELSEWHERE = re.compile(r"\$\{(hydra:)?[\w.]+\}")
 
 
-def _set_elsewhere(cfg: DictConfig, key: str) -> bool:
-    """True if ``key``'s value is written as ``${other.key}`` or ``${hydra:...}`` (``_SET_ELSEWHERE``)."""
-    node: Any = cfg
-    for part in key.split("."):
-        node = node._get_node(part, validate_access=False) if isinstance(node, DictConfig) else None
-        if node is None:
-            return False
-    raw = node._value()
-    match = isinstance(raw, str) and _SET_ELSEWHERE.fullmatch(raw)
+def _set_elsewhere(cfg: DictConfig, key: str, raw: Mapping[str, Any]) -> bool:
+    """True if ``key``'s value is written as ``${other.key}`` or ``${hydra:...}`` (``_SET_ELSEWHERE``);
+    ``raw``: the config's unresolved values by key."""
+    match = isinstance(raw.get(key), str) and _SET_ELSEWHERE.fullmatch(raw[key])
     if not match:
         return False
-    return (
-        bool(match.group(1))
-        or OmegaConf.select(cfg, raw[2:-1], default=_ABSENT, throw_on_missing=False) is not _ABSENT
+    source = OmegaConf.select(
+        cfg, raw[key][2:-1], default=_ABSENT, throw_on_missing=False, throw_on_resolution_failure=False
     )
+    return bool(match.group(1)) or source is not _ABSENT
 
 
 def _rule_problems(
@@ -108,9 +104,9 @@ def _rule_problems(
 ) -> tuple[list[str], dict[str, Any]]:
     """Problems of every option of ``rules`` present in ``cfg`` (named ``prefix + key``), and the values
     that passed. A key missing from the config is skipped (its default applies)."""
-    problems, valid = [], {}
+    problems, valid, raw = [], {}, flatten(OmegaConf.to_container(cfg, resolve=False))
     for key, rule in rules.items():
-        if _set_elsewhere(cfg, key):
+        if _set_elsewhere(cfg, key, raw):
             continue  # e.g. data.seed: ${seed}, checked (and reported) as seed
         value = _select(cfg, key)
         if value is _ABSENT:
@@ -125,14 +121,9 @@ def _rule_problems(
 
 
 # ---------------------------------------------------------------------------------------- unknown keys
-def leaf_keys(node: DictConfig, prefix: str = "") -> Iterator[str]:
-    """The dotted keys of ``node``'s values (an empty mapping is a value), unresolved."""
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none() and len(child) > 0:
-            yield from leaf_keys(child, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
+def leaf_keys(cfg: DictConfig) -> list[str]:
+    """The dotted keys of ``cfg``'s values (an empty mapping is a value), unresolved."""
+    return list(flatten(OmegaConf.to_container(cfg, resolve=False)))
 
 
 def unknown_option(key: str, known: list[str]) -> str:

@@ -94,6 +94,7 @@ from torch import nn
 
 from reidreg.errors import ConfigError
 from reidreg.regularizers.base import LogDict, Regularizer, TrainingPlan
+from reidreg.run_dir import network_weights, read_checkpoint
 
 if TYPE_CHECKING:
     from reidreg.training.module import ReIDModule
@@ -294,13 +295,7 @@ class LinR(Regularizer):
 
     def load_network(self, module: ReIDModule, path: Path) -> None:
         """Load the network weights (``state_dict`` entries ``model.*``) of a reidreg Lightning checkpoint."""
-        if not path.is_file():
-            raise ConfigError(f"regularizer.linr.init_from: checkpoint file not found: {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" not in checkpoint:
-            raise ConfigError(f"regularizer.linr.init_from={path}: no state_dict, not a Lightning checkpoint")
-        prefix = "model."
-        weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        weights = network_weights(read_checkpoint(path, option="regularizer.linr.init_from"))
         try:
             module.model.load_state_dict(weights)
         except RuntimeError as error:

@@ -25,15 +25,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from reidreg.run_dir import CONFIG_FILE, CSV_METRICS, RUN_FILE, TEST_METRICS_FILE
 from reidreg.utils.config import regularizer_name
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "test_metrics.json"
-RUN_INFO_FILE = "run.json"
 FINISHED = "finished"
 HYDRA_DIR = ".hydra"
 MULTIRUN_FILE = "multirun.yaml"
-CSV_METRICS = Path("csv") / "metrics.csv"
 
 
 @dataclass
@@ -131,7 +128,7 @@ class Study:
 
 
 def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, RUN_INFO_FILE, HYDRA_DIR))
+    return any((path / name).exists() for name in (CONFIG_FILE, TEST_METRICS_FILE, RUN_FILE, HYDRA_DIR))
 
 
 def find_run_dirs(path: Path) -> list[Path]:
@@ -164,7 +161,7 @@ def load_run_info(path: Path) -> dict[str, Any] | None:
 
 def load_run(run_dir: Path) -> Run:
     config = _load_yaml(run_dir / CONFIG_FILE) or _load_yaml(run_dir / HYDRA_DIR / "config.yaml")
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = run_dir / TEST_METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     hydra = _load_yaml(run_dir / HYDRA_DIR / "hydra.yaml").get("hydra", {})
     job = hydra.get("job", {})
@@ -173,7 +170,7 @@ def load_run(run_dir: Path) -> Run:
         run_dir=run_dir,
         config=config,
         metrics=metrics,
-        info=load_run_info(run_dir / RUN_INFO_FILE),
+        info=load_run_info(run_dir / RUN_FILE),
         overrides=[str(o) for o in _load_overrides(run_dir / HYDRA_DIR / "overrides.yaml")],
         choices=dict(hydra.get("runtime", {}).get("choices", {})),
         job_num=num if isinstance(num, int) and hydra.get("mode") == "MULTIRUN" else None,

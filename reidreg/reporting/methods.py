@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from reidreg.reporting.gather import Run
+from reidreg.utils.config import flatten
 
 UNSET = "unset"  # shown for a key that a run's config does not have
 IGNORED_PREFIXES = ("paths.", "logger.", "hydra.")
@@ -39,15 +40,9 @@ IGNORED_KEYS = frozenset(
 )
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted key -> value (as JSON, so that lists and dicts compare and print)."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
-    return flat
+def flatten_as_json(config: dict[str, Any]) -> dict[str, str]:
+    """Dotted key -> value as JSON, so that lists and dicts compare and print."""
+    return {key: json.dumps(value, sort_keys=True) for key, value in flatten(config).items()}
 
 
 def _seed_derived_keys(runs: list[Run], flats: list[dict[str, str]]) -> set[str]:
@@ -66,7 +61,7 @@ def _seed_derived_keys(runs: list[Run], flats: list[dict[str, str]]) -> set[str]
 
 def settings(runs: list[Run]) -> list[dict[str, str]]:
     """Every run's flattened config without the keys that do not change what is trained."""
-    flats = [flatten(run.config) for run in runs]
+    flats = [flatten_as_json(run.config) for run in runs]
     ignored = IGNORED_KEYS | _seed_derived_keys(runs, flats)
     return [
         {k: v for k, v in flat.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)}

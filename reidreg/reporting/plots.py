@@ -21,8 +21,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from reidreg.reporting.gather import CSV_METRICS, Run  # noqa: E402
+from reidreg.reporting.gather import Run  # noqa: E402
 from reidreg.reporting.table import Row  # noqa: E402
+from reidreg.run_dir import CSV_METRICS  # noqa: E402
 
 LAMBDA_COLUMN = re.compile(r"^reg/[^/]+/lambda_median/(?P<category>.+)$")
 

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,58 +30,24 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
 from reidreg.errors import RunInterrupted
+from reidreg.run_dir import LAST, atomic_writer, remove_temporaries
 
 log = logging.getLogger(__name__)
 
-LAST = "last.ckpt"
-TEMP_PREFIX = ".tmp-"
 MULTIPROCESS_SIGNAL_CHECK_EVERY = 10  # steps between the ranks' agreement on a received stop signal
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary file next to the target, ``fsync``, then an atomic ``os.replace``."""
+    """``torch.save`` through ``reidreg.run_dir.atomic_writer``: the old file or the new one, never half."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; checkpoints follow the umask
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_directory(target.parent)
+        with atomic_writer(path) as file:
+            torch.save(checkpoint, file)
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporary files left by a save that was killed (only this run writes into ``folder``)."""
-    for path in folder.glob(f"{TEMP_PREFIX}*"):
-        path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(folder: Path) -> None:
-    # Makes the rename itself durable (a power cut right after it must not bring the old file back).
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def signal_by_name(name: str) -> signal.Signals:
@@ -139,7 +104,7 @@ class ResumePoint(pl.Callback):
         if stage != "fit":
             return
         if trainer.is_global_zero and self.path.parent.is_dir():
-            remove_stale_temporaries(self.path.parent)
+            remove_temporaries(self.path.parent)
         # The job's own handlers (submitit's requeue, for one), before Lightning installs its SIGTERM one.
         self._job_handlers = {number: signal.getsignal(number) for number in self.signals}
 

@@ -30,6 +30,7 @@ from reidreg.evaluation import ReIDMetric
 from reidreg.losses import ReIDLoss
 from reidreg.models import ReIDModel
 from reidreg.regularizers import LogDict, TrainStep
+from reidreg.run_dir import STORED_CONFIG_KEY
 from reidreg.training.schedule import set_epoch_lr
 
 REPORTED_METRICS = ("mAP", "R1", "R5", "R10", "mINP")
@@ -190,7 +191,7 @@ class ReIDModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
-            checkpoint["reidreg_config"] = self.run_config
+            checkpoint[STORED_CONFIG_KEY] = self.run_config
 
     # ------------------------------------------------------------------ logging helpers
     def log_regularizer(self, name: str, values: LogDict) -> None:

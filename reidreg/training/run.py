@@ -22,10 +22,20 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
+from reidreg.existing_run import finished_message, finished_results
 from reidreg.models import build_reid_model
 from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
 from reidreg.regularizers import TrainingPlan, build_regularizers
-from reidreg.training.checkpointing import LAST, AtomicCheckpointIO, ResumePoint
+from reidreg.run_dir import (
+    BEST,
+    STORED_CONFIG_KEY,
+    RunDir,
+    RunLock,
+    atomic_write,
+    is_secondary_process,
+    read_checkpoint,
+)
+from reidreg.training.checkpointing import AtomicCheckpointIO, ResumePoint
 from reidreg.training.divergence import DivergenceGuard
 from reidreg.training.module import REPORTED_METRICS, ReIDModule
 from reidreg.training.performance import (
@@ -35,10 +45,10 @@ from reidreg.training.performance import (
     with_fused_adam,
 )
 from reidreg.training.progress import console_callbacks
-from reidreg.training.resume import resumed_config, stored_config
+from reidreg.training.resume import resumed_config
 from reidreg.training.run_record import RunRecord
 from reidreg.training.throughput import ThroughputMonitor
-from reidreg.utils.cli import continue_logging_in, print_metrics_table
+from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
 from reidreg.utils.config import instantiate
 from reidreg.utils.loggers import build_loggers
 
@@ -49,8 +59,9 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 def resolve_resume(
     cfg: DictConfig, overrides: Sequence[str] | None, compose: Callable | None
-) -> tuple[DictConfig, str | None]:
-    """The run's config and the checkpoint it continues (``None`` for a new run).
+) -> tuple[DictConfig, str | None, int | None]:
+    """The run's config, the checkpoint it continues and that checkpoint's global step (``None`` for a new
+    run).
 
     ``ckpt_path`` given: that checkpoint's experiment (``reidreg.training.resume``). ``ckpt_path`` null and
     the run directory already holds ``checkpoints/last.ckpt`` (a requeued job, or a run started again in
@@ -58,9 +69,9 @@ def resolve_resume(
     """
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
-        auto = Path(cfg.paths.output_dir) / "checkpoints" / LAST
+        auto = RunDir(cfg.paths.output_dir).last
         if not auto.is_file():
-            return cfg, None
+            return cfg, None, None
         log.info("The run directory holds %s: resuming from it", auto)
         try:  # the job's own config must be the checkpoint's experiment
             return resolve_resume(OmegaConf.merge(cfg, {"ckpt_path": str(auto)}), None, None)
@@ -69,19 +80,20 @@ def resolve_resume(
                 f"the run directory {auto.parent.parent} already holds a run of another experiment "
                 f"({error}); give this run its own directory (hydra.run.dir)"
             ) from None
-    checkpoint_config = stored_config(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint_config = checkpoint[STORED_CONFIG_KEY]
     resumed = resumed_config(cfg, checkpoint_config, overrides=overrides, compose=compose)
     resumed.ckpt_path = str(ckpt_path)
     output_dir_given = any(o.split("=")[0].lstrip("+") == "paths.output_dir" for o in overrides or [])
     if overrides is not None and not output_dir_given:  # the CLI continues the run in its own folder
         resumed.paths.output_dir = str(original_run_dir(Path(ckpt_path), checkpoint_config))
-    return resumed, str(ckpt_path)
+    return resumed, str(ckpt_path), int(checkpoint["global_step"])
 
 
 def original_run_dir(ckpt_path: Path, checkpoint_config: dict[str, Any]) -> Path:
     """Where the checkpoint's run lives: the folder holding ``checkpoints/`` (it may have been moved)."""
-    folder = ckpt_path.resolve().parent.parent
-    return folder if (folder / "config.yaml").is_file() else Path(checkpoint_config["paths"]["output_dir"])
+    folder = RunDir(ckpt_path.resolve().parent.parent)
+    return folder.root if folder.config.is_file() else Path(checkpoint_config["paths"]["output_dir"])
 
 
 def build_module(
@@ -118,7 +130,7 @@ def build_module(
 def build_trainer(
     cfg: DictConfig, run_dir: Path, *, validate: bool, resume_step: int | None, settings: DeviceSettings
 ) -> tuple[pl.Trainer, ResumePoint]:
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = RunDir(run_dir).checkpoints
     resume_point = ResumePoint(
         checkpoints,
         every_n_steps=cfg.checkpoint.every_n_steps,
@@ -135,7 +147,7 @@ def build_trainer(
     if validate:
         best = pl.callbacks.ModelCheckpoint(
             dirpath=checkpoints,
-            filename="best",
+            filename=Path(BEST).stem,
             monitor=cfg.checkpoint.monitor,
             mode="max",
             enable_version_counter=False,
@@ -177,8 +189,23 @@ def run_training(
     cfg: DictConfig, overrides: Sequence[str] | None = None, compose: Callable | None = None
 ) -> dict[str, float]:
     """Train and (unless ``cfg.test`` is false) test; returns the test metrics and ``val/best_mAP``."""
-    cfg, ckpt_path = resolve_resume(cfg, overrides, compose)
+    cfg, ckpt_path, resume_step = resolve_resume(cfg, overrides, compose)
     run_dir = Path(cfg.paths.output_dir)
+    finished = finished_results(run_dir, cfg)
+    if finished is not None:  # e.g. a multirun relaunched into its sweep folder: this job is done
+        log.info(finished_message(run_dir, finished))
+        remove_unused_run_dir()  # the folder Hydra made for this command, if it is not the run's
+        return finished
+    if is_secondary_process():  # a rank started for DDP: rank 0 holds the directory
+        return train_and_test(cfg, run_dir, ckpt_path, resume_step)
+    with RunLock(run_dir):  # one live run per directory
+        return train_and_test(cfg, run_dir, ckpt_path, resume_step)
+
+
+def train_and_test(
+    cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_step: int | None
+) -> dict[str, float]:
+    """Build and check everything, then record, fit, test and record (the run directory is ours)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Built and checked before the run directory gets anything: bad input fails here, in one line.
@@ -201,7 +228,6 @@ def run_training(
     )
     for regularizer in module.regularizers.values():
         regularizer.check(plan)
-    resume_step = checkpoint_global_step(ckpt_path) if ckpt_path else None
     trainer, resume_point = build_trainer(
         cfg, run_dir, validate=datamodule.has_validation, resume_step=resume_step, settings=settings
     )
@@ -214,12 +240,15 @@ def run_training(
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks started by Lightning rely on the first one
         datamodule.verify_images()  # every image decodes: fail now, not hours in
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    continue_logging_in(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     record = RunRecord(run_dir)
     if trainer.is_global_zero:
         provenance = run_provenance(cfg, datamodule, trainer)
+        if ckpt_path is not None:  # a run never continues on other data
+            record.check_same_data(provenance)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    continue_logging_in(run_dir)
+    atomic_write(RunDir(run_dir).config, OmegaConf.to_yaml(cfg, resolve=True))
+    if trainer.is_global_zero:
         record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -266,17 +295,19 @@ def fit_and_test(
         results.update(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
         if trainer.is_global_zero:
             checkpoint = best or "final weights (no validation hold-out)"
-            (run_dir / "test_metrics.json").write_text(
-                json.dumps({**results, "checkpoint": str(checkpoint)}, indent=2) + "\n"
+            atomic_write(
+                RunDir(run_dir).test_metrics,
+                json.dumps({**results, "checkpoint": str(checkpoint)}, indent=2) + "\n",
             )
             print_metrics_table(f"Test ({cfg.dataset.name})", results, REPORTED_METRICS)
     if trainer.is_global_zero:
+        layout = RunDir(run_dir)
         files = [
-            ("resolved config", run_dir / "config.yaml"),
-            ("run status", run_dir / "run.json"),
-            ("CSV metrics", run_dir / "csv" / "metrics.csv"),
-            ("checkpoints", run_dir / "checkpoints"),
-            ("test metrics", run_dir / "test_metrics.json"),
+            ("resolved config", layout.config),
+            ("run status", layout.run_json),
+            ("CSV metrics", layout.csv_metrics),
+            ("checkpoints", layout.checkpoints),
+            ("test metrics", layout.test_metrics),
         ]
         listing = "".join(f"\n  {name:16s} {path}" for name, path in files if path.exists())
         log.info("Run directory: %s%s", run_dir.resolve(), listing)
@@ -303,9 +334,3 @@ def run_provenance(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer) -> dic
 
 def throughput_of(trainer: pl.Trainer) -> ThroughputMonitor:
     return next(c for c in trainer.callbacks if isinstance(c, ThroughputMonitor))
-
-
-def checkpoint_global_step(ckpt_path: str) -> int:
-    import torch
-
-    return int(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"])

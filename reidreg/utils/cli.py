@@ -33,6 +33,7 @@ from reidreg.options.check import (
     unselected_regularizer_option,
 )
 from reidreg.options.rules import raise_if_any
+from reidreg.run_dir import LOCK_FILE
 from reidreg.utils.console import FILE_ONLY_LOGGER
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
 
 
 def remove_unused_run_dir() -> None:
-    """Delete Hydra's run directory if it holds nothing but Hydra's own files (``.hydra/``, the job log).
+    """Delete Hydra's run directory if it holds nothing but Hydra's own files (``.hydra/``, the job log)
+    and the lock of a run that never began.
 
     A folder without ``.hydra/`` is not one Hydra made for this run (extract and export run in the
     working directory): it is left alone.
@@ -159,7 +161,7 @@ def remove_unused_run_dir() -> None:
     if not HydraConfig.initialized():
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log", LOCK_FILE}
     if (run_dir / ".hydra").is_dir() and {path.name for path in run_dir.iterdir()} <= hydra_files:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import hydra.utils
@@ -15,6 +16,16 @@ def regularizer_name(regularizers: DictConfig | dict | None) -> str:
     """``none`` or the selected regularizers joined by ``+`` (e.g. ``adaptive_l2+sgsl``): a run's method."""
     names = sorted(regularizers or {})
     return "+".join(names) if names else "none"
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of a nested mapping by dotted key (an empty mapping is a leaf: ``regularizer: {}``)."""
+    if isinstance(node, Mapping) and node:
+        leaves: dict[str, Any] = {}
+        for key, value in node.items():
+            leaves.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return leaves
+    return {prefix: node}
 
 
 def register_resolvers() -> None:
