@@ -550,10 +550,9 @@ def test_option_checks_import_no_torch_lightning_or_timm(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from reidreg.options.check import leaf_keys, validate_config
+from reidreg.options.check import validate_config
 from reidreg.options.folders import check_paths
 from hydra import compose, initialize_config_dir
-from tests import toy_regularizer
 from tests.conftest import CONF_DIR, compose_config
 cfg = compose_config(Path({str(tmp_path)!r}))
 validate_config(cfg, "train")

@@ -87,16 +87,14 @@ def _select(cfg: DictConfig, key: str) -> Any:
 _SET_ELSEWHERE = re.compile(r"\$\{(hydra:)?[\w.]+\}")
 
 
-def _set_elsewhere(cfg: DictConfig, key: str, raw: Mapping[str, Any]) -> bool:
-    """True if ``key``'s value is written as ``${other.key}`` or ``${hydra:...}`` (``_SET_ELSEWHERE``);
-    ``raw``: the config's unresolved values by key."""
+def _set_elsewhere(key: str, raw: Mapping[str, Any]) -> bool:
+    """True if ``key``'s value is written as ``${hydra:...}`` or ``${other.key}`` of a key of the config
+    (``raw``: its unresolved values by dotted key)."""
     match = isinstance(raw.get(key), str) and _SET_ELSEWHERE.fullmatch(raw[key])
     if not match:
         return False
-    source = OmegaConf.select(
-        cfg, raw[key][2:-1], default=_ABSENT, throw_on_missing=False, throw_on_resolution_failure=False
-    )
-    return bool(match.group(1)) or source is not _ABSENT
+    source = raw[key][2:-1]
+    return bool(match.group(1)) or source in raw or any(other.startswith(f"{source}.") for other in raw)
 
 
 def _rule_problems(
@@ -106,7 +104,7 @@ def _rule_problems(
     that passed. A key missing from the config is skipped (its default applies)."""
     problems, valid, raw = [], {}, flatten(OmegaConf.to_container(cfg, resolve=False))
     for key, rule in rules.items():
-        if _set_elsewhere(cfg, key, raw):
+        if _set_elsewhere(key, raw):
             continue  # e.g. data.seed: ${seed}, checked (and reported) as seed
         value = _select(cfg, key)
         if value is _ABSENT:
