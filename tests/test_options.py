@@ -275,6 +275,24 @@ def test_a_keyword_of_a_foreign_class_is_accepted_and_a_typo_is_not(tmp_path):
     )
 
 
+def test_weight_decay_beside_an_l2_penalty_is_refused(tmp_path):
+    cfg = compose_config(tmp_path, "regularizer=[sgp,constant_l2]", "optim.optimizer.weight_decay=5e-4")
+    assert error_of(validate_train_config, cfg) == (
+        "optim.optimizer.weight_decay=0.0005: expected 0 with regularizer=constant_l2, an L2 penalty (L2 "
+        "would count twice)"
+    )
+    validate_train_config(compose_config(tmp_path, "regularizer=sgp", "optim.optimizer.weight_decay=5e-4"))
+
+
+def test_a_real_datasets_options_are_its_own():
+    cfg = compose_train("dataset=msmt17", "+dataset.options.combine_vall=true")
+    message = "unknown option dataset.options.combine_vall; did you mean dataset.options.combine_val?"
+    assert error_of(validate_train_config, cfg) == message
+    assert error_of(validate_train_config, compose_train("dataset=market1501", "+dataset.options.x=1")) == (
+        "unknown option dataset.options.x"
+    )
+
+
 def test_extract_and_export_options_are_checked_by_their_tables(tmp_path):
     checkpoint = tmp_path / "best.ckpt"
     checkpoint.write_text("")

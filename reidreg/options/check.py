@@ -30,7 +30,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from reidreg.options import relations
 from reidreg.options.folders import path_problems
-from reidreg.options.rules import Rule, raise_if_any, show
+from reidreg.options.rules import Rule, raise_if_any, show, unknown_option
 from reidreg.options.tables import (
     EVALUATE_OPTIONS,
     EXPORT_OPTIONS,
@@ -124,12 +124,6 @@ def leaf_keys(cfg: DictConfig) -> list[str]:
     return list(flatten(OmegaConf.to_container(cfg, resolve=False)))
 
 
-def unknown_option(key: str, known: list[str]) -> str:
-    """``unknown option <key>; did you mean <closest known key>?`` (difflib), or without a suggestion."""
-    close = difflib.get_close_matches(key, known, n=1)
-    return f"unknown option {key}; did you mean {close[0]}?" if close else f"unknown option {key}"
-
-
 def known_keys(cfg: DictConfig, command: str) -> list[str]:
     """The keys ``command`` reads that this config holds or may hold: its table's and its open nodes'."""
     table = COMMANDS[command].table
@@ -220,7 +214,7 @@ def _constructor_parameters(target: str) -> tuple[type | None, set[str] | None, 
 
 def _regularizer_problems(cfg: DictConfig) -> list[str]:
     """Each selected regularizer's options: names its constructor takes, values its ``OPTION_RULES``
-    accept (key relative to ``regularizer.<name>``)."""
+    accept (key relative to ``regularizer.<name>``); no optimizer weight decay beside an L2 penalty."""
     problems = []
     for name in selected_regularizers(cfg):
         node, prefix = cfg.regularizer[name], f"regularizer.{name}."
@@ -233,6 +227,12 @@ def _regularizer_problems(cfg: DictConfig) -> list[str]:
                 if key not in parameters and key not in HYDRA_KEYS:
                     problems.append(unknown_option(prefix + key, [prefix + p for p in sorted(parameters)]))
         problems += _rule_problems(node, getattr(cls, "OPTION_RULES", {}), prefix)[0]
+        weight_decay = OmegaConf.select(cfg, "optim.optimizer.weight_decay", default=0)
+        if cls.replaces_weight_decay and weight_decay:
+            problems.append(
+                f"optim.optimizer.weight_decay={show(weight_decay)}: expected 0 with regularizer={name}, "
+                "an L2 penalty (L2 would count twice)"
+            )
     return problems
 
 

@@ -12,17 +12,26 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
-from reidreg.options.rules import show
+from reidreg.options.rules import show, unknown_option
 from reidreg.options.tables import EXPORT_FORMATS
 
 
 def dataset_options_problems(valid: Mapping[str, Any]) -> list[str]:
-    """The synthetic dataset's options, checked by the generator's own option class."""
-    if valid.get("dataset.name") != "synthetic" or "dataset.options" not in valid:
+    """``dataset.options``: a real dataset's by name, the synthetic set's by the generator's own check."""
+    if "dataset.name" not in valid or "dataset.options" not in valid:
         return []
+    name, options = valid["dataset.name"], valid["dataset.options"]
+    if name != "synthetic":
+        from reidreg.data.datasets import _DATASET_OPTIONS  # standard library only
+
+        known = [f"dataset.options.{key}" for key in _DATASET_OPTIONS[name]]
+        return [
+            unknown_option(f"dataset.options.{key}", known)
+            for key in options
+            if key not in _DATASET_OPTIONS[name]
+        ]
     from reidreg.data.synthetic import resolve_synthetic_options  # numpy and PIL, no torch
 
-    options = valid["dataset.options"]
     try:
         resolve_synthetic_options(**options)
     except (TypeError, ValueError) as error:

@@ -7,6 +7,7 @@ Rules are plain values shared by the command tables (``reidreg.options.tables``)
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -149,3 +150,9 @@ def raise_if_any(problems: list[str]) -> None:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(f"{len(problems)} invalid options:\n  " + "\n  ".join(problems))
+
+
+def unknown_option(key: str, known: list[str]) -> str:
+    """``unknown option <key>; did you mean <closest known key>?`` (difflib), or without a suggestion."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"unknown option {key}; did you mean {close[0]}?" if close else f"unknown option {key}"

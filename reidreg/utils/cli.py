@@ -29,10 +29,9 @@ from reidreg.options.check import (
     CONF_DIR,
     known_keys,
     selected_regularizers,
-    unknown_option,
     unselected_regularizer_option,
 )
-from reidreg.options.rules import raise_if_any
+from reidreg.options.rules import raise_if_any, unknown_option
 from reidreg.run_dir import LOCK_FILE
 from reidreg.utils.console import FILE_ONLY_LOGGER
 
