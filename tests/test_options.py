@@ -417,9 +417,9 @@ def test_bad_evaluate_value_is_refused_with_its_key_value_and_allowed_range(over
 
 def test_evaluate_defaults_and_attacks_are_valid():
     validate_evaluate_config(compose_evaluate())
-    for attack in ("fgsm", "pgd"):
+    for attack, dataset in (("fgsm", "msmt17"), ("pgd", "synthetic")):
         validate_evaluate_config(
-            compose_evaluate(f"attack={attack}", "dataset=msmt17", "ranked_list.num_queries=5")
+            compose_evaluate(f"attack={attack}", f"dataset={dataset}", "ranked_list.num_queries=5")
         )
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         missing = compose("evaluate")  # ckpt_path: ???

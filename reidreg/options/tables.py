@@ -199,6 +199,9 @@ EVALUATE_OPTIONS: dict[str, Rule] = {
     **PATHS,
     "dataset": optional(mapping()),
     **DATASET,
+    # set by dataset=synthetic for training; evaluation keeps the checkpoint's image size
+    "data.height": integer(min=1),
+    "data.width": integer(min=1),
     "attack": optional(mapping()),
     "attack.name": choice("fgsm", "pgd"),
     "attack.eps": number(ge=0, le=1),  # L-inf radius in [0, 1] pixel space

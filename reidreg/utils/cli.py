@@ -45,7 +45,8 @@ def command(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], A
     An override Hydra cannot compose is one ``error:`` line, exit status 2, instead of Hydra's report: an
     unknown key gets "did you mean ...", a regularizer's option the ``regularizer=`` to add, every unknown
     key of the command line at once. (Hydra prints its own report unless ``HYDRA_FULL_ERROR`` is set; it is
-    set here so that the error reaches this wrapper.)
+    set here so that the error reaches this wrapper.) A multirun job's input error, logged by ``run_cli``,
+    ends the sweep with its exit status and no traceback.
     """
 
     def decorate(task_function: Callable[[Any], Any]) -> Callable[[], Any]:
@@ -58,6 +59,8 @@ def command(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], A
             os.environ.setdefault("HYDRA_FULL_ERROR", "1")
             try:
                 return hydra_main()
+            except ReIDRegError as error:  # a multirun job's, logged by run_cli: the sweep stops there
+                sys.exit(error.exit_code)
             except (ConfigCompositionException, OverrideParseException) as error:
                 overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
                 try:
