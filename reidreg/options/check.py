@@ -141,7 +141,7 @@ def _foreign_target(cfg: DictConfig, key: str) -> str | None:
     for end in range(len(parts) - 1, 0, -1):
         node = OmegaConf.select(cfg, ".".join(parts[:end]), default=None)
         if isinstance(node, DictConfig) and "_target_" in node:
-            target = node._get_node("_target_")._value()
+            target = node["_target_"]
             return target if isinstance(target, str) and not target.startswith("reidreg.") else None
     return None
 
@@ -218,9 +218,9 @@ def _regularizer_problems(cfg: DictConfig) -> list[str]:
     problems = []
     for name in selected_regularizers(cfg):
         node, prefix = cfg.regularizer[name], f"regularizer.{name}."
-        cls, parameters, why = _constructor_parameters(node._get_node("_target_")._value())
+        cls, parameters, why = _constructor_parameters(node["_target_"])
         if cls is None:
-            problems.append(f"{prefix}_target_={show(node._get_node('_target_')._value())}: {why}")
+            problems.append(f"{prefix}_target_={show(node['_target_'])}: {why}")
             continue
         if parameters is not None:
             for key in node:
@@ -228,7 +228,7 @@ def _regularizer_problems(cfg: DictConfig) -> list[str]:
                     problems.append(unknown_option(prefix + key, [prefix + p for p in sorted(parameters)]))
         problems += _rule_problems(node, getattr(cls, "OPTION_RULES", {}), prefix)[0]
         weight_decay = OmegaConf.select(cfg, "optim.optimizer.weight_decay", default=0)
-        if cls.replaces_weight_decay and weight_decay:
+        if getattr(cls, "replaces_weight_decay", False) and weight_decay:  # a Regularizer's class attribute
             problems.append(
                 f"optim.optimizer.weight_decay={show(weight_decay)}: expected 0 with regularizer={name}, "
                 "an L2 penalty (L2 would count twice)"

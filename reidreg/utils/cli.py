@@ -121,13 +121,13 @@ def _first_of_sweeps(overrides: list[str]) -> list[str]:
 
 def _one_line(error: Exception) -> str:
     """Hydra's multi-line message on one line; a missing group option lists the available ones."""
-    missing = str(getattr(error, "missing_cfg_file", ""))
-    if isinstance(error, MissingConfigException) and error.options and "/" in missing:
-        group, name = missing.rsplit("/", 1)
+    if isinstance(error, MissingConfigException) and error.options and "/" in str(error.missing_cfg_file):
+        group, name = str(error.missing_cfg_file).rsplit("/", 1)
         close = difflib.get_close_matches(name, error.options, n=1)
         hint = f"; did you mean {group}={close[0]}?" if close else ""
         return f"{group}={name}: no such option; expected one of {', '.join(error.options)}{hint}"
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{error.override}: {text}" if isinstance(error, OverrideParseException) else text
 
 
 def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
