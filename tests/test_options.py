@@ -17,7 +17,7 @@ from typing import get_args
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from reidreg.errors import ConfigError
 from reidreg.options.callback import ValidateBeforeRun
@@ -347,6 +347,35 @@ def test_every_table_key_exists_in_the_config(tmp_path):
     for key, override in GROUP_KEYS.items():
         if override:
             assert key in keys_and_nodes(compose_train(override)), key
+
+
+def constructor_parameters(target: str) -> set[str]:
+    import inspect
+
+    from hydra.utils import get_class
+
+    return set(inspect.signature(get_class(target)).parameters)
+
+
+def test_the_table_declares_every_option_our_components_take(tmp_path):
+    """``+data.<key>`` is refused unless the table has it: the table must hold every keyword of reidreg's
+    own classes (those the code passes itself aside)."""
+    cfg = compose_config(tmp_path)
+    passed_by_the_code = {"model": {"backbone", "num_classes"}}
+    for node in ("data", "model", "loss", "backbone"):
+        taken = constructor_parameters(cfg[node]["_target_"]) - passed_by_the_code.get(node, set())
+        assert {f"{node}.{key}" for key in taken} <= set(TRAIN_OPTIONS), node
+
+
+def test_every_regularizer_rule_names_a_constructor_parameter():
+    """A rule under a name the constructor does not take would never apply."""
+    from hydra.utils import get_class
+
+    configs = [OmegaConf.load(path) for path in sorted((REPO / "conf" / "regularizer").glob("*.yaml"))]
+    targets = [config["_target_"] for config in configs if "_target_" in config]  # none.yaml has none
+    for target in [f"{toy_regularizer.__name__}.ToyRegularizer", *targets]:
+        rules = getattr(get_class(target), "OPTION_RULES", {})
+        assert {key.split(".")[0] for key in rules} <= constructor_parameters(target), target
 
 
 # ------------------------------------------------------------------- presets and studies pass
