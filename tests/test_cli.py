@@ -171,3 +171,13 @@ def test_deploy_help_lists_its_own_options(command, options):
     assert all(f"\n{option} " in result.stdout for option in options), result.stdout
     assert "regularizer" not in result.stdout and "Configuration groups" not in result.stdout
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_evaluate_help_lists_its_own_choices():
+    result, modules = imported_modules("-m", "reidreg.evaluate", "--help")
+    assert result.returncode == 0 and "regularizer" not in result.stdout
+    for group in ("dataset", "attack"):
+        listed = next(line for line in result.stdout.splitlines() if line.startswith(f"{group}="))
+        names = listed.split()[0].removeprefix(f"{group}=").split("|")
+        assert sorted(names) == sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
