@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from reidreg.utils.cli import run_cli
+from reidreg.utils.cli import command, run_cli
 from reidreg.utils.config import register_resolvers
 
 register_resolvers()
@@ -26,7 +25,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
 
     The work is in ``reidreg.evaluation.checkpoint_eval`` (torch and the model load only from here on).
     """
-    from reidreg.validation import validate_before_work
+    from reidreg.options.check import validate_before_work
 
     validate_before_work(cfg, "evaluate")
     from reidreg.evaluation.checkpoint_eval import evaluate_checkpoint as run
@@ -34,7 +33,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@command("evaluate")
 def main(cfg: DictConfig) -> None:
     logging.captureWarnings(True)
     run_cli(evaluate_checkpoint, cfg)

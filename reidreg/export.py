@@ -15,16 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from reidreg.deploy.image_list import list_images
-from reidreg.deploy.options import check_choice, existing_checkpoint, output_file
 from reidreg.errors import ConfigError
+from reidreg.options.check import validate_before_work
 from reidreg.run_dir import staged
-from reidreg.utils.cli import run_cli
+from reidreg.utils.cli import command, run_cli
 
-FORMAT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts")}
 CHECK_IMAGES = 16  # real images in the check: the first ones of check_images
 
 
@@ -47,9 +45,8 @@ def require_onnx() -> None:
 
 def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s embedding network to ``cfg.out``; returns what ``<out>.json`` holds."""
-    check_choice("format", cfg.format, tuple(FORMAT_SUFFIXES))
-    out = output_file("out", cfg.out, FORMAT_SUFFIXES[cfg.format])
-    checkpoint = existing_checkpoint(cfg.ckpt_path)
+    validate_before_work(cfg, "export")  # every option (reidreg/options/tables.py), before torch
+    out, checkpoint = Path(cfg.out).expanduser(), Path(cfg.ckpt_path).expanduser()
     check_images = list_images(cfg.check_images, option="check_images") if cfg.check_images else None
     if cfg.format == "onnx":
         require_onnx()
@@ -104,7 +101,7 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     return metadata
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@command("export")
 def main(cfg: DictConfig) -> None:
     run_cli(export_checkpoint, cfg)
 

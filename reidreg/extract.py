@@ -11,29 +11,22 @@ torch is imported only once the options have been checked, so that a typo fails 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from reidreg.deploy.feature_file import FEATURE_SUFFIXES
 from reidreg.deploy.image_list import list_images
-from reidreg.deploy.options import check_choice, check_count, existing_checkpoint, output_file
-from reidreg.utils.cli import run_cli
+from reidreg.options.check import validate_before_work
+from reidreg.utils.cli import command, run_cli
 
-ON_ERROR = ("fail", "skip")
-DEVICES = ("auto", "cpu", "cuda")
 SKIPPED_SHOWN = 5  # unreadable files named in the summary of on_error=skip
 
 
 def extract_images(cfg: DictConfig) -> dict[str, Any]:
     """Embed the images of ``cfg.images`` with ``cfg.ckpt_path``'s network; write ``cfg.out``."""
-    out = output_file("out", cfg.out, FEATURE_SUFFIXES)
-    checkpoint = existing_checkpoint(cfg.ckpt_path)
-    check_choice("on_error", cfg.on_error, ON_ERROR)
-    check_choice("device", cfg.device, DEVICES)
-    check_count("batch_size", cfg.batch_size, minimum=1)
-    check_count("num_workers", cfg.num_workers, minimum=0)
+    validate_before_work(cfg, "extract")  # every option (reidreg/options/tables.py), before torch
+    out, checkpoint = Path(cfg.out).expanduser(), Path(cfg.ckpt_path).expanduser()
     images = list_images(cfg.images, option="images")
 
     from reidreg.deploy.feature_file import save_features
@@ -77,7 +70,7 @@ def extract_images(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+@command("extract")
 def main(cfg: DictConfig) -> None:
     run_cli(extract_images, cfg)
 

@@ -1,6 +1,7 @@
 """``python -m reidreg.train [overrides]``: train, validate, test and log one ReID model.
 
-``main`` is a thin ``@hydra.main`` wrapper; ``train(cfg)`` is the plain function tests call directly.
+``main`` is a thin ``@hydra.main`` wrapper (``reidreg.utils.cli.command``); ``train(cfg)`` is the plain
+function tests call directly.
 Only Hydra and OmegaConf load before the config is composed and validated, so a typo in an override or
 ``--help`` is answered in seconds; torch, Lightning and timm load afterwards.
 
@@ -18,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from reidreg.utils.cli import run_cli
+from reidreg.utils.cli import command, run_cli
 from reidreg.utils.config import register_resolvers
 
 register_resolvers()
@@ -31,7 +32,7 @@ def train(cfg: DictConfig, *, overrides: Sequence[str] | None = None) -> dict[st
     (``ckpt_path``) applies only those that keep the checkpoint's experiment; without them (a config built
     in Python) the whole config must match the checkpoint's experiment.
     """
-    from reidreg.validation import validate_before_work
+    from reidreg.options.check import validate_before_work
 
     validate_before_work(cfg, "train")  # every option and folder, before any work (no torch yet)
     from reidreg.training.run import run_training  # torch, Lightning, timm
@@ -59,7 +60,7 @@ def _compose_flat(overrides: Sequence[str]) -> dict:
     return flatten(OmegaConf.to_container(config, resolve=False))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@command("train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -60,7 +60,6 @@ from reidreg.data.transforms import TrainTransform, build_test_transform
 from reidreg.errors import ConfigError
 
 log = logging.getLogger(__name__)
-PIPELINES = ("auto", "cpu", "gpu")
 
 
 def read_image(path: str) -> Image.Image:
@@ -243,8 +242,6 @@ class ReIDDataModule(pl.LightningDataModule):
         verify_images: bool = True,
     ) -> None:
         super().__init__()
-        if pipeline not in PIPELINES:
-            raise ConfigError(f"data.pipeline must be one of {list(PIPELINES)}, got {pipeline!r}")
         self.dataset_name, self.root = dataset, root
         self.dataset_options = dict(dataset_options or {})
         self.augment_spec = AugmentSpec(

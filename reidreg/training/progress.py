@@ -30,19 +30,14 @@ from pytorch_lightning.utilities.model_summary.model_summary import (
     get_human_readable_count,
 )
 
-from reidreg.errors import ConfigError
 from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.console import FILE_ONLY_LOGGER
 
 log = logging.getLogger(__name__)
 
-PROGRESS_MODES = ("auto", "bar", "lines", "off")
-
 
 def resolve_progress_mode(mode: str, stream: TextIO | None = None) -> str:
     """``bar``, ``lines`` or ``off``; ``auto`` is ``bar`` when ``stream`` (stdout) is a terminal."""
-    if mode not in PROGRESS_MODES:
-        raise ConfigError(f"progress.mode={mode!r}: expected one of {', '.join(PROGRESS_MODES)}")
     if mode != "auto":
         return mode
     stream = sys.stdout if stream is None else stream
@@ -238,7 +233,7 @@ def console_callbacks(
     model_summary: bool = True,
     stream: TextIO | None = None,
 ) -> list[pl.Callback]:
-    """The callbacks of what a run shows, from the ``progress`` config node (checked here).
+    """The callbacks of what a run shows, from the ``progress`` config node (checked by reidreg.options).
 
     Always a ``ThroughputMonitor`` (first; its ``summary()`` is the run's performance record); a
     ``ValidationSummary`` of ``monitor`` unless it is None (no validation); ``ProgressLines`` unless the
@@ -249,16 +244,6 @@ def console_callbacks(
     mode = resolve_progress_mode(progress["mode"], stream)
     every_n_steps, every_n_seconds = progress["every_n_steps"], progress["every_n_seconds"]
     warmup_steps = progress["throughput_warmup_steps"]
-    if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-        raise ConfigError(f"progress.every_n_steps={every_n_steps!r}: expected a positive integer")
-    if every_n_seconds is not None and (
-        not isinstance(every_n_seconds, (int, float))
-        or isinstance(every_n_seconds, bool)
-        or every_n_seconds <= 0
-    ):
-        raise ConfigError(f"progress.every_n_seconds={every_n_seconds!r}: expected a positive number or null")
-    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-        raise ConfigError(f"progress.throughput_warmup_steps={warmup_steps!r}: expected an integer >= 0")
 
     throughput = ThroughputMonitor(warmup_steps=warmup_steps)
     callbacks: list[pl.Callback] = [throughput]

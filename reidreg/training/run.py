@@ -101,13 +101,6 @@ def build_module(
 ) -> ReIDModule:
     """The network, its losses and regularizers, wrapped in the LightningModule, set up for the device."""
     regularizers = build_regularizers(cfg.regularizer)
-    if any(r.replaces_weight_decay for r in regularizers.values()) and cfg.optim.optimizer.get(
-        "weight_decay"
-    ):
-        raise ConfigError(
-            f"optim.optimizer.weight_decay={cfg.optim.optimizer.weight_decay} with an L2 regularizer would "
-            "count L2 twice; set optim.optimizer.weight_decay=0."
-        )
     settings = settings or resolve_device_settings(accelerator="cpu", precision=32)
     model = build_reid_model(cfg.model, backbone=instantiate(cfg.backbone), num_classes=num_classes)
     module = ReIDModule(

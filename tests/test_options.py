@@ -1,6 +1,7 @@
-"""Every option validated before any work (reidreg/validation.py): bad values are refused with the dotted
-key, the value and what is allowed; every preset and study passes; folders are probed without leaving
-anything behind; the Hydra callback refuses a bad command line before Hydra creates the run folder."""
+"""Every option validated before any work (reidreg/options/): bad values are refused with the dotted key,
+the value and what is allowed; unknown keys get "did you mean"; a regularizer's own rules are applied;
+every preset and study passes; folders are probed without leaving anything behind; the Hydra callback
+refuses a bad command line before Hydra creates the run folder."""
 
 from __future__ import annotations
 
@@ -16,28 +17,23 @@ from typing import get_args
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from reidreg.errors import ConfigError
-from reidreg.utils.config import register_resolvers
-from reidreg.validation import (
+from reidreg.options.callback import ValidateBeforeRun
+from reidreg.options.check import leaf_keys, validate_config
+from reidreg.options.folders import check_data_dir, check_output_dir, check_paths, synthetic_needs_generation
+from reidreg.options.relations import feature_rows, stripes_cut
+from reidreg.options.tables import (
     ACCELERATORS,
     DATASETS,
     MONITORED,
     PRECISIONS,
     STRATEGIES,
     TRAIN_OPTIONS,
-    ValidateBeforeRun,
-    check_data_dir,
-    check_evaluate_paths,
-    check_output_dir,
-    check_train_paths,
-    feature_rows,
-    stripes_cut,
-    synthetic_needs_generation,
-    validate_evaluate_config,
-    validate_train_config,
 )
+from reidreg.utils.config import register_resolvers
+from tests import toy_regularizer
 from tests.conftest import CONF_DIR, compose_config
 from tests.test_sweeps import STUDIES, compose_study, study_file, swept_values
 
@@ -49,7 +45,16 @@ GROUP_KEYS = {
     "dataset.options.combine_val": "dataset=msmt17",
     "optim.optimizer.momentum": None,  # an SGD optimizer's; no optim option uses SGD yet
     "trainer.sync_batchnorm": "trainer=ddp",
+    **{key: "logger=wandb" for key in TRAIN_OPTIONS if key.startswith("logger.wandb.")},
 }
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    validate_config(cfg, "train")
+
+
+def validate_evaluate_config(cfg: DictConfig) -> None:
+    validate_config(cfg, "evaluate")
 
 
 def error_of(check, *args, **kwargs) -> str:
@@ -128,7 +133,18 @@ BAD_TRAIN_VALUES = [
     ),
     ("test=yes", "test='yes': expected true or false"),
     ("ckpt_path=5", "ckpt_path=5: expected null or a non-empty string"),
-    ("+regularizer.bogus.lam=1", "regularizer.bogus: expected a regularizer config node with a _target_"),
+    # keys no component reads, and a regularizer's options without the regularizer
+    ("+data.num_identites=8", "unknown option data.num_identites; did you mean data.num_identities?"),
+    ("+regularizer.bogus.lam=1", "regularizer.bogus: unknown regularizer; expected one of adaptive_l2,"),
+    (
+        "+regularizer.constant_l2.lam=0.01",
+        "regularizer.constant_l2.lam: the regularizer constant_l2 is not selected; add "
+        "regularizer=constant_l2",
+    ),
+    (
+        "+trainer.gradient_clip_vl=1",
+        "unknown option trainer.gradient_clip_vl; did you mean trainer.gradient_",
+    ),
     # relations between options
     ("data.num_instances=1", "data.num_instances=1: expected an integer >= 2 with loss.triplet=true"),
     ("data.num_identities=1", "data.num_identities=1: expected an integer >= 2 with loss.triplet=true"),
@@ -145,6 +161,9 @@ BAD_TRAIN_VALUES = [
     ("++divergence.check_every_n_steps=0", "divergence.check_every_n_steps=0: expected an integer >= 1"),
     ("++progress.mode=fancy", "progress.mode='fancy': expected one of auto, bar, lines, off"),
     ("++progress.every_n_steps=0", "progress.every_n_steps=0: expected an integer >= 1"),
+    ("progress.every_n_seconds=-1", "progress.every_n_seconds=-1: expected null or a number > 0"),
+    ("progress.throughput_warmup_steps=-1", "progress.throughput_warmup_steps=-1: expected an integer >= 0"),
+    ("data.pipeline=tpu", "data.pipeline='tpu': expected one of auto, cpu, gpu"),
 ]
 
 
@@ -221,6 +240,75 @@ def test_stripe_rule_matches_the_model():
                 )
 
 
+# ---------------------------------------------------------------------- a regularizer's own options
+TOY = toy_regularizer.SELECT
+
+
+def test_a_regularizers_options_are_checked_by_its_own_rules(tmp_path):
+    validate_train_config(compose_config(tmp_path, TOY, "+regularizer.toy.lam=0.01"))
+    cfg = compose_config(tmp_path, TOY, "+regularizer.toy.lam=abc", "+regularizer.toy.mode=both")
+    assert error_of(validate_train_config, cfg).splitlines() == [
+        "2 invalid options:",
+        "  regularizer.toy.lam='abc': expected a number >= 0",
+        "  regularizer.toy.mode='both': expected one of coupled, decoupled",
+    ]
+    cfg = compose_config(tmp_path, TOY, "+regularizer.toy.lamda=1")
+    assert error_of(validate_train_config, cfg) == (
+        "unknown option regularizer.toy.lamda; did you mean regularizer.toy.lam?"
+    )
+
+
+def test_a_regularizer_is_imported_only_once_the_cheap_checks_pass(tmp_path):
+    missing = "+regularizer.toy._target_=reidreg.regularizers.no_such_module.Toy"
+    cfg = compose_config(tmp_path, missing, "data.num_instances=0")
+    assert error_of(validate_train_config, cfg) == "data.num_instances=0: expected an integer >= 1"
+    assert error_of(validate_train_config, compose_config(tmp_path, missing)).startswith(
+        "regularizer.toy._target_='reidreg.regularizers.no_such_module.Toy': cannot be imported ("
+    )
+
+
+def test_a_keyword_of_a_foreign_class_is_accepted_and_a_typo_is_not(tmp_path):
+    """``trainer`` builds Lightning's Trainer: any of its keywords may be added, nothing else."""
+    validate_train_config(compose_config(tmp_path, "+trainer.gradient_clip_val=1.0"))
+    assert error_of(validate_train_config, compose_config(tmp_path, "+trainer.gradient_clip=1.0")) == (
+        "unknown option trainer.gradient_clip; did you mean trainer.gradient_clip_val?"
+    )
+
+
+def test_weight_decay_beside_an_l2_penalty_is_refused(tmp_path):
+    cfg = compose_config(tmp_path, "regularizer=[sgp,constant_l2]", "optim.optimizer.weight_decay=5e-4")
+    assert error_of(validate_train_config, cfg) == (
+        "optim.optimizer.weight_decay=0.0005: expected 0 with regularizer=constant_l2, an L2 penalty (L2 "
+        "would count twice)"
+    )
+    validate_train_config(compose_config(tmp_path, "regularizer=sgp", "optim.optimizer.weight_decay=5e-4"))
+
+
+def test_a_real_datasets_options_are_its_own():
+    cfg = compose_train("dataset=msmt17", "+dataset.options.combine_vall=true")
+    message = "unknown option dataset.options.combine_vall; did you mean dataset.options.combine_val?"
+    assert error_of(validate_train_config, cfg) == message
+    assert error_of(validate_train_config, compose_train("dataset=market1501", "+dataset.options.x=1")) == (
+        "unknown option dataset.options.x"
+    )
+
+
+def test_extract_and_export_options_are_checked_by_their_tables(tmp_path):
+    checkpoint = tmp_path / "best.ckpt"
+    checkpoint.write_text("")
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        extract = compose("extract", overrides=[f"ckpt_path={checkpoint}", "images=x", "out=f.csv"])
+        export = compose("export", overrides=[f"ckpt_path={checkpoint}", "out=model.pt", "+opset=17"])
+    assert error_of(validate_config, extract, "extract") == (
+        "out='f.csv': expected a file named <file>.npz or <file>.safetensors"
+    )
+    assert error_of(validate_config, export, "export").splitlines() == [
+        "2 invalid options:",
+        "  unknown option opset",
+        "  out='model.pt': expected a file named <file>.onnx (format=onnx)",
+    ]
+
+
 # ---------------------------------------------------------------------- the tables match the code
 def test_choices_match_lightning_and_reidreg():
     from lightning_fabric.connector import (
@@ -243,18 +331,51 @@ def test_choices_match_lightning_and_reidreg():
     assert tuple(_DATASET_OPTIONS) == DATASETS
 
 
-def test_every_table_key_exists_in_the_config(tmp_path):
-    """No typo in the table: each key is in the composed config (or group-specific)."""
-    from omegaconf import OmegaConf
+def keys_and_nodes(cfg: DictConfig) -> set[str]:
+    """Every dotted key of ``cfg``, values and the nodes that hold them, unresolved."""
+    leaves = set(leaf_keys(cfg))
+    return leaves | {leaf.rsplit(".", i)[0] for leaf in leaves for i in range(1, leaf.count(".") + 1)}
 
-    cfg = compose_config(tmp_path)
+
+def test_every_table_key_exists_in_the_config(tmp_path):
+    """No typo in the table: each key is in the composed config (or group-specific). The converse (every
+    key of a config is in the table) is what the presets below pass."""
+    present = keys_and_nodes(compose_config(tmp_path))
     for key in TRAIN_OPTIONS:
-        if key in GROUP_KEYS:
-            continue
-        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
+        if key not in GROUP_KEYS:
+            assert key in present, key
     for key, override in GROUP_KEYS.items():
         if override:
-            assert OmegaConf.select(compose_train(override), key, default="<absent>") != "<absent>", key
+            assert key in keys_and_nodes(compose_train(override)), key
+
+
+def constructor_parameters(target: str) -> set[str]:
+    import inspect
+
+    from hydra.utils import get_class
+
+    return set(inspect.signature(get_class(target)).parameters)
+
+
+def test_the_table_declares_every_option_our_components_take(tmp_path):
+    """``+data.<key>`` is refused unless the table has it: the table must hold every keyword of reidreg's
+    own classes (those the code passes itself aside)."""
+    cfg = compose_config(tmp_path)
+    passed_by_the_code = {"model": {"backbone", "num_classes"}}
+    for node in ("data", "model", "loss", "backbone"):
+        taken = constructor_parameters(cfg[node]["_target_"]) - passed_by_the_code.get(node, set())
+        assert {f"{node}.{key}" for key in taken} <= set(TRAIN_OPTIONS), node
+
+
+def test_every_regularizer_rule_names_a_constructor_parameter():
+    """A rule under a name the constructor does not take would never apply."""
+    from hydra.utils import get_class
+
+    configs = [OmegaConf.load(path) for path in sorted((REPO / "conf" / "regularizer").glob("*.yaml"))]
+    targets = [config["_target_"] for config in configs if "_target_" in config]  # none.yaml has none
+    for target in [f"{toy_regularizer.__name__}.ToyRegularizer", *targets]:
+        rules = getattr(get_class(target), "OPTION_RULES", {})
+        assert {key.split(".")[0] for key in rules} <= constructor_parameters(target), target
 
 
 # ------------------------------------------------------------------- presets and studies pass
@@ -325,9 +446,9 @@ def test_bad_evaluate_value_is_refused_with_its_key_value_and_allowed_range(over
 
 def test_evaluate_defaults_and_attacks_are_valid():
     validate_evaluate_config(compose_evaluate())
-    for attack in ("fgsm", "pgd"):
+    for attack, dataset in (("fgsm", "msmt17"), ("pgd", "synthetic")):
         validate_evaluate_config(
-            compose_evaluate(f"attack={attack}", "dataset=msmt17", "ranked_list.num_queries=5")
+            compose_evaluate(f"attack={attack}", f"dataset={dataset}", "ranked_list.num_queries=5")
         )
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         missing = compose("evaluate")  # ckpt_path: ???
@@ -418,7 +539,9 @@ def test_a_file_where_a_folder_is_expected(tmp_path):
 
 def test_too_little_free_space(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("reidreg.validation.shutil.disk_usage", lambda path: usage(10 * 2**30, 0, 50 * 2**20))
+    monkeypatch.setattr(
+        "reidreg.options.folders.shutil.disk_usage", lambda path: usage(10 * 2**30, 0, 50 * 2**20)
+    )
     message = error_of(check_output_dir, tmp_path)
     assert message == (
         f"paths.output_dir='{tmp_path}': only 0.05 GiB free on its file system, at least 1.00 GiB needed "
@@ -440,13 +563,13 @@ def test_read_only_data_dir_is_fine_once_the_synthetic_dataset_is_complete(tmp_p
     options = dict(cfg.dataset.options)
     assert synthetic_needs_generation(data, options)
     with read_only(data, mechanism):
-        assert error_of(check_train_paths, cfg).startswith(f"paths.data_dir='{data}': not writable (")
+        assert error_of(check_paths, cfg).startswith(f"paths.data_dir='{data}': not writable (")
     build_dataset("synthetic", data, verbose=False, **options)
     assert not synthetic_needs_generation(data, options)
     folder = next(data.iterdir())
     assert not synthetic_needs_generation(folder, options)  # the dataset folder itself
     with read_only(data, mechanism):
-        check_train_paths(cfg)
+        check_paths(cfg)
         assert (
             len(build_dataset("synthetic", data, verbose=False, **options).train) > 0
         )  # reads, writes nothing
@@ -457,31 +580,32 @@ def test_path_problems_are_listed_together(tmp_path):
     cfg = compose_config(
         tmp_path, f"paths.output_dir={tmp_path / 'file' / 'run'}", f"ckpt_path={tmp_path / 'last.ckpt'}"
     )
-    assert error_of(check_train_paths, cfg).splitlines() == [
+    assert error_of(check_paths, cfg).splitlines() == [
         "2 invalid options:",
-        f"  ckpt_path='{tmp_path / 'last.ckpt'}': no such file; expected a checkpoint of reidreg.train "
+        f"  ckpt_path='{tmp_path / 'last.ckpt'}': does not exist; expected a checkpoint of reidreg.train "
         "(a .ckpt file)",
         f"  paths.output_dir='{tmp_path / 'file' / 'run'}': '{tmp_path / 'file'}' is a file, not a folder",
     ]
     (tmp_path / "last.ckpt").write_text("")
-    check_train_paths(compose_config(tmp_path, f"ckpt_path={tmp_path / 'last.ckpt'}"))
+    check_paths(compose_config(tmp_path, f"ckpt_path={tmp_path / 'last.ckpt'}"))
     evaluate = compose_evaluate(f"paths.output_dir={tmp_path / 'eval'}", f"paths.data_dir={tmp_path}")
-    assert "ckpt_path='run/checkpoints/best.ckpt': no such file" in error_of(check_evaluate_paths, evaluate)
+    assert "ckpt_path='run/checkpoints/best.ckpt': does not exist" in error_of(check_paths, evaluate)
 
 
 # ------------------------------------------------------------------------------ before any work
-def test_validation_imports_no_torch_lightning_or_timm(tmp_path):
+def test_option_checks_import_no_torch_lightning_or_timm(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from reidreg.validation import check_train_paths, validate_evaluate_config, validate_train_config
+from reidreg.options.check import validate_config
+from reidreg.options.folders import check_paths
 from hydra import compose, initialize_config_dir
 from tests.conftest import CONF_DIR, compose_config
 cfg = compose_config(Path({str(tmp_path)!r}))
-validate_train_config(cfg)
-check_train_paths(cfg)
+validate_config(cfg, "train")
+check_paths(cfg)
 with initialize_config_dir(CONF_DIR, version_base="1.3"):
-    validate_evaluate_config(compose("evaluate", overrides=["ckpt_path=x.ckpt", "attack=pgd"]))
+    validate_config(compose("evaluate", overrides=["ckpt_path=x.ckpt", "attack=pgd"]), "evaluate")
 heavy = sorted({{"torch", "pytorch_lightning", "lightning", "lightning_fabric", "timm"}} & set(sys.modules))
 assert not heavy, heavy
 """
@@ -542,7 +666,7 @@ def test_evaluate_cli_refuses_a_missing_checkpoint_before_creating_the_run_folde
     )
     assert (result.returncode, result.stderr) == (
         2,
-        f"error: ckpt_path='{checkpoint}': no such file; expected a checkpoint of reidreg.train "
+        f"error: ckpt_path='{checkpoint}': does not exist; expected a checkpoint of reidreg.train "
         "(a .ckpt file)\n",
     )
     assert listing(tmp_path) == []
