@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from reidreg.training.checkpointing import BestCheckpoint
+from reidreg.training.run_record import RunRecord, mark_stale_run
 from tests import phase_signals
 from tests.test_resume import RUN, cli
 
@@ -136,3 +141,156 @@ def test_a_signal_at_any_phase_then_the_same_command_gives_the_uninterrupted_run
     assert record["status"] == "finished" and len(record["resumes"]) == 1
     if phase == "test":
         assert record["resumes"][0]["global_step"] == 24  # training was complete: the resume only tests
+
+
+@pytest.mark.slow  # two runs of ~20 s
+def test_a_moved_run_directory_resumes_its_best(tmp_path, reference):
+    reference_dir, data_dir = reference
+    plugin = phase_signals.install(tmp_path / "plugin")
+    hook, call = PHASES["mid_epoch"]
+    stopped = cli(
+        tmp_path / "run",
+        *PHASED_RUN,
+        data_dir=data_dir,
+        env=phase_signals.environment(plugin, hook, call, "SIGTERM"),
+    )
+    assert stopped.returncode == 4, stopped.stderr
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "run").rename(moved)
+
+    resumed = cli(tmp_path / "fresh", f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}", data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dirpath has changed" not in resumed.stderr + (moved / "train.log").read_text()
+    assert_same_run(moved, reference_dir)
+
+
+# ---------------------------------------------------------------------------------------- two processes
+DDP_RUN = [
+    *(o for o in PHASED_RUN if not o.startswith("data.num_identities")),
+    "data.num_identities=2",  # P identities per rank
+    "trainer.devices=2",
+    "trainer.strategy=ddp",  # Lightning starts rank 1 as a copy of the command
+]
+
+
+def descendants(pid: int, depth: int = 100) -> set[int]:
+    """The living processes below ``pid`` (ranks and loader workers) to ``depth`` generations, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    for _ in range(depth):
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(reference) -> Path:
+    run_dir = reference[0].parent / "ddp_reference"
+    result = cli(run_dir, *DDP_RUN, data_dir=reference[1])
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.slow  # three 2-process runs
+def test_ddp_sigterm_stops_every_rank_at_once_and_says_it_once(tmp_path, reference, ddp_reference):
+    data_dir = reference[1]
+    run_dir = tmp_path / "run"
+    plugin = phase_signals.install(tmp_path / "plugin")
+    hook, call = PHASES["mid_epoch"]
+    env = phase_signals.environment(plugin, hook, call, "SIGTERM")  # rank 0 only: the main process
+    stopped = cli(run_dir, *DDP_RUN, data_dir=data_dir, env=env)
+    assert stopped.returncode == 4, stopped.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert stopped.stderr.strip().splitlines() == [f"error: {record['reason']}"]
+    assert stopped.stdout.count("subset  | ids") == 1  # the dataset table: once, not once per rank
+
+    resumed = cli(run_dir, *DDP_RUN, data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run_dir, ddp_reference)
+
+
+@pytest.mark.slow  # three 2-process runs
+def test_ddp_sigkill_of_the_main_process_takes_every_rank_with_it(tmp_path, reference, ddp_reference):
+    data_dir = reference[1]
+    run_dir = tmp_path / "run"
+    main = cli(run_dir, *DDP_RUN, data_dir=data_dir, background=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "last.ckpt").is_file():  # both ranks train
+            assert main.poll() is None and time.monotonic() < deadline, main.stderr.read().decode()
+            time.sleep(0.1)
+        processes = descendants(main.pid)
+        ranks = {  # rank 1 (Lightning names its job so), not its loader workers (forks of it)
+            pid
+            for pid in descendants(main.pid, depth=1)
+            if b"train_ddp_process_1" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        }
+    finally:
+        main.kill()
+        main.communicate()
+    assert len(ranks) == 1
+    killed = time.monotonic()
+    while any(alive(pid) for pid in ranks) and time.monotonic() - killed < 5:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in ranks), "rank 1 outlived the main process"
+    while any(alive(pid) for pid in processes) and time.monotonic() - killed < 15:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in processes), "a loader worker outlived its rank"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # nobody could say
+
+    resumed = cli(run_dir, *DDP_RUN, data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    after = json.loads((run_dir / "run.json").read_text())["resumes"][0]["after"]
+    assert after["status"] == "interrupted" and "ended without recording why" in after["reason"]
+    assert_same_run(run_dir, ddp_reference)
+
+
+# ---------------------------------------------------------------------------------------- pieces
+def test_a_run_left_running_by_a_process_that_is_gone_is_recorded_interrupted(tmp_path):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    record = RunRecord(tmp_path)
+    record.start(provenance={}, resumed_from=None, global_step=0)
+    record.data["pid"] = int(gone.stdout)
+    record.write()
+    assert mark_stale_run(tmp_path)
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["status"] == "interrupted" and f"pid {gone.stdout.strip()}" in data["reason"]
+
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as living:
+        record = RunRecord(tmp_path)
+        record.start(provenance={}, resumed_from=None, global_step=0)
+        record.data["pid"] = living.pid
+        record.write()
+        assert not mark_stale_run(tmp_path)  # its process still runs
+        living.kill()
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "running"
+
+
+def test_the_best_checkpoint_of_a_moved_run_directory_is_found_in_its_new_place(tmp_path, recwarn):
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    stored = BestCheckpoint(old, monitor="val/mAP")
+    stored.best_model_path, stored.best_model_score = str(old / "best.ckpt"), torch.tensor(0.5)
+    stored.best_k_models = {str(old / "best.ckpt"): torch.tensor(0.5)}
+    restored = BestCheckpoint(new, monitor="val/mAP")
+    restored.load_state_dict(stored.state_dict())
+    assert restored.best_model_path == str(new / "best.ckpt") and float(restored.best_model_score) == 0.5
+    assert restored.best_k_models == {str(new / "best.ckpt"): torch.tensor(0.5)}
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]

@@ -37,7 +37,7 @@ from reidreg.training.performance import (
 )
 from reidreg.training.progress import console_callbacks
 from reidreg.training.resume import resumed_config
-from reidreg.training.run_record import RunRecord
+from reidreg.training.run_record import RunRecord, mark_stale_run
 from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, print_metrics_table
 from reidreg.utils.config import instantiate
@@ -214,6 +214,8 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     continue_logging_in(run_dir)
     atomic_write(RunDir(run_dir).config, OmegaConf.to_yaml(cfg, resolve=True))
+    if trainer.is_global_zero:
+        mark_stale_run(run_dir)  # a killed earlier process of this run left it "running"
     record = RunRecord(run_dir)
     if trainer.is_global_zero:
         provenance = run_provenance(cfg, datamodule, trainer)

@@ -17,8 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
-from reidreg.errors import ReIDRegError, message_of
+from reidreg.errors import ReIDRegError, RunStopped, message_of
 from reidreg.utils.console import FILE_ONLY_LOGGER
+from reidreg.utils.ranks import launched_rank
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
             log.error("error: %s", message)
             raise
         logging.getLogger(FILE_ONLY_LOGGER).error("error: %s", message)  # the run's log file keeps it too
-        print(f"error: {message}", file=sys.stderr)
+        if not (isinstance(error, RunStopped) and launched_rank() > 0):  # all ranks stop: rank 0 says it
+            print(f"error: {message}", file=sys.stderr)
         remove_unused_run_dir()
         sys.exit(getattr(error, "exit_code", 2))
 
