@@ -29,7 +29,7 @@ PHASES = {  # hook, call: where the signal arrives
     "mid_epoch": ("on_train_batch_start", 11),  # the 3rd step of epoch 2
     "last_step_of_an_epoch": ("on_train_batch_start", 16),
     "epoch_end": ("on_train_epoch_end", 2),  # before the epoch's resume point is written
-    "validation": ("on_validation_batch_start", 2),
+    "validation": ("on_validation_batch_start", 3),  # the last one, a new best (the 2nd equals the 1st)
     "checkpoint_write": ("checkpoint_write", 5),  # in the middle of writing a resume point
     "test": ("on_test_batch_start", 1),
 }
@@ -76,6 +76,8 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert float(best["best_model_score"]) == float(reference_best["best_model_score"])
     assert Path(best["best_model_path"]) == run_dir / "checkpoints" / "best.ckpt"
     assert csv_rows(run_dir) == csv_rows(reference)
+    scores = [float(row["val/mAP"]) for row in csv_rows(run_dir) if "val/mAP" in row]
+    assert float(best["best_model_score"]) == max(scores)  # the last resume point knows the last validation
     assert (
         json.loads((run_dir / "test_metrics.json").read_text())["test/mAP"]
         == json.loads((reference / "test_metrics.json").read_text())["test/mAP"]

@@ -159,7 +159,7 @@ class ResumePoint(Checkpoint):
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         # Nothing to save: training is complete and its last.ckpt written; the resumed run only tests.
         # Each rank stops on its own signal (test batches may differ between ranks: a collective could
-        # hang); the ranks a launcher started die with the main process (reidreg.training.ranks).
+        # hang); the ranks a launcher started die with the main process (reidreg.utils.ranks).
         if self._received is not None:
             self._stop(trainer, what="during the test (training is complete; the resumed run only tests)")
 
