@@ -10,13 +10,12 @@ reader never sees half of it.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from reidreg.errors import ConfigError, WriteFailed
 from reidreg.run_dir import RUN_FILE, atomic_write
 
 
@@ -33,15 +32,39 @@ class RunRecord:
         self._started = time.monotonic()
         self._previous_wall_time = float(self.data.get("wall_time_s") or 0.0)
 
+    def check_same_data(self, provenance: dict[str, Any]) -> None:
+        """Refuse to continue this run on a dataset whose listing or content differs from its first start."""
+        first, now = self.data.get("provenance", {}).get("dataset", {}), provenance.get("dataset", {})
+        changed = [
+            key
+            for key in sorted(set(first) & set(now))
+            if key.endswith(("sha256", "hash")) and first[key] != now[key]
+        ]
+        if changed:
+            raise ConfigError(
+                f"the dataset in {now.get('root', '?')} changed since the run in {self.path.parent} started "
+                f"({', '.join(f'{key} {first[key][:12]} -> {now[key][:12]}' for key in changed)}); a run "
+                "continues on the data it started with: restore that data, or start a new run in its own "
+                "directory"
+            )
+
     def start(self, *, provenance: dict[str, Any], resumed_from: str | None, global_step: int) -> None:
-        """Mark the run as running; a resume keeps the first start time and the earlier wall time."""
+        """Mark the run as running. A resume keeps the first start time, the earlier wall time and the
+        first provenance (what changed, such as the host, is noted with the resume)."""
+        previous_status = self.data.get("status")
+        if resumed_from is None:  # a new run (a run killed before its first resume point starts over)
+            self.data, self._previous_wall_time = {}, 0.0
         self.data.setdefault("started_at", _now())
-        ended = {"status": self.data.get("status"), "reason": self.data.get("reason")}  # how it stopped
-        self.data.update(status="running", reason=None, ended_at=None, provenance=provenance)
-        self.data.update(pid=os.getpid(), host=socket.gethostname())  # who runs it (mark_stale_run)
+        self.data.setdefault("provenance", provenance)
+        self.data.update(status="running", reason=None, ended_at=None)
         self.data.setdefault("resumes", [])
         if resumed_from is not None:
-            resume = {"at": _now(), "ckpt_path": resumed_from, "global_step": global_step, "after": ended}
+            resume: dict[str, Any] = {"at": _now(), "ckpt_path": resumed_from, "global_step": global_step}
+            changed = {k: v for k, v in provenance.items() if v != self.data["provenance"].get(k)}
+            if changed:
+                resume["provenance_changes"] = changed
+            if previous_status == "running":  # its process is gone: the directory's lock was free
+                resume["previous_status"] = "running: its process ended without recording why (killed?)"
             self.data["resumes"].append(resume)
         self.write()
 
@@ -56,39 +79,10 @@ class RunRecord:
         )
         if performance is not None:
             self.data["performance"] = performance
-        self.write()
+        try:
+            self.write()
+        except WriteFailed:  # no room for a second copy: rewrite in place, its blocks are free again
+            self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
 
     def write(self) -> None:
         atomic_write(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
-
-
-def mark_stale_run(run_dir: str | Path) -> bool:
-    """Record as ``interrupted`` a run that ``run.json`` says is running but whose process is gone.
-
-    A process killed outright (SIGKILL, the OOM killer, a lost node) cannot update ``run.json``. Called
-    before a run starts in ``run_dir``: if the recorded process (``pid`` on ``host``, this host) no longer
-    exists, the record says so. True if it was stale. A run recorded on another host is left as it is.
-    """
-    record = RunRecord(run_dir)
-    pid, host = record.data.get("pid"), record.data.get("host")
-    if record.data.get("status") != "running" or pid is None or host != socket.gethostname():
-        return False
-    if _process_exists(int(pid)) and int(pid) != os.getpid():
-        return False
-    record.data.update(
-        status="interrupted",
-        reason=f"its process (pid {pid} on {host}) ended without recording why (killed?)",
-        ended_at=record.data.get("ended_at") or _now(),
-    )
-    record.write()
-    return True
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

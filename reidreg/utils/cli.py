@@ -18,8 +18,8 @@ from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from reidreg.errors import ReIDRegError, RunStopped, message_of
+from reidreg.run_dir import LOCK_FILE, is_secondary_process
 from reidreg.utils.console import FILE_ONLY_LOGGER
-from reidreg.utils.ranks import launched_rank
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,19 @@ def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
             log.error("error: %s", message)
             raise
         logging.getLogger(FILE_ONLY_LOGGER).error("error: %s", message)  # the run's log file keeps it too
-        if not (isinstance(error, RunStopped) and launched_rank() > 0):  # all ranks stop: rank 0 says it
+        if not (isinstance(error, RunStopped) and is_secondary_process()):  # all ranks stop: rank 0 says it
             print(f"error: {message}", file=sys.stderr)
         remove_unused_run_dir()
         sys.exit(getattr(error, "exit_code", 2))
 
 
 def remove_unused_run_dir() -> None:
-    """Delete Hydra's run directory if it holds nothing but Hydra's own files (``.hydra/``, the job log)."""
+    """Delete Hydra's run directory if it holds nothing but Hydra's own files (``.hydra/``, the job log)
+    and the lock of a run that never began."""
     if not HydraConfig.initialized():
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log", LOCK_FILE}
     if run_dir.is_dir() and {path.name for path in run_dir.iterdir()} <= hydra_files:
         shutil.rmtree(run_dir, ignore_errors=True)
 

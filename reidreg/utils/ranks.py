@@ -9,11 +9,12 @@ the main process is rank 0. Two things make such a run behave as one process to 
   parent exits, whatever the reason: no thread, no polling. Set as the rank starts, before torch loads; a
   parent killed before that (a second or so) leaves the rank to the collective's timeout, as before.
   Elsewhere than on Linux nothing is set.
-* **They print nothing that rank 0 prints.** Their standard output is discarded and their log records
+* **They print nothing that rank 0 prints** (every process other than global rank 0,
+  ``reidreg.run_dir.is_secondary_process``). Their standard output is discarded and their log records
   below ERROR are dropped: the dataset table, the progress, the warnings and the one-line reason a run
   stopped appear once; a rank's own error (ERROR records, tracebacks on stderr) still shows.
 
-Standard library only: called from ``reidreg.train.main`` before torch is imported.
+Standard library only (and ``reidreg.run_dir``): called from ``reidreg.train.main`` before torch is imported.
 """
 
 from __future__ import annotations
@@ -24,23 +25,16 @@ import os
 import signal
 import sys
 
+from reidreg.run_dir import is_secondary_process
+
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def launched_rank() -> int:
-    """This process's rank on its node when a launcher started it (``LOCAL_RANK``); 0 otherwise."""
-    try:
-        return int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def follow_main_process() -> None:
     """In a rank a launcher started: die with the main process; print only what rank 0 would not."""
-    if launched_rank() == 0:
-        return
-    if sys.platform.startswith("linux"):
+    if os.environ.get("LOCAL_RANK", "0") != "0" and sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(max(handler.level, logging.ERROR))
+    if is_secondary_process():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(max(handler.level, logging.ERROR))
