@@ -48,7 +48,7 @@ from reidreg.training.resume import resumed_config
 from reidreg.training.run_record import RunRecord
 from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
-from reidreg.utils.config import instantiate
+from reidreg.utils.config import flatten, instantiate
 from reidreg.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,17 @@ def resolve_resume(
     output_dir_given = any(o.split("=")[0].lstrip("+") == "paths.output_dir" for o in overrides or [])
     if overrides is not None and not output_dir_given:  # the CLI continues the run in its own folder
         resumed.paths.output_dir = str(original_run_dir(Path(ckpt_path), checkpoint_config))
+    in_run_dir(resumed, old=checkpoint_config["paths"]["output_dir"])
     return resumed, str(ckpt_path), int(checkpoint["global_step"])
+
+
+def in_run_dir(cfg: DictConfig, *, old: str) -> None:
+    """Every option under the run's stored folder ``old`` moved to ``paths.output_dir`` (the stored config
+    is resolved: the CSV logger's ``save_dir``, ``trainer.default_root_dir``), for a moved or copied run."""
+    new = str(cfg.paths.output_dir)
+    for key, value in flatten(OmegaConf.to_container(cfg)).items():
+        if isinstance(value, str) and (value == old or value.startswith(old.rstrip(os.sep) + os.sep)):
+            OmegaConf.update(cfg, key, new + value[len(old) :])
 
 
 def original_run_dir(ckpt_path: Path, checkpoint_config: dict[str, Any]) -> Path:
