@@ -64,6 +64,9 @@ def _compose_flat(overrides: Sequence[str]) -> dict:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from reidreg.utils.ranks import follow_main_process
+
+    follow_main_process()  # a DDP rank the launcher started: dies with the main process, prints once
     logging.captureWarnings(True)  # warnings reach the run's log file too
     results = run_cli(train, cfg, overrides=list(HydraConfig.get().overrides.task))
     # For sweepers that optimise a value (the Optuna L2 search): the validation mAP of the best checkpoint,

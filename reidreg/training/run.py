@@ -27,7 +27,6 @@ from reidreg.models import build_reid_model
 from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
 from reidreg.regularizers import TrainingPlan, build_regularizers
 from reidreg.run_dir import (
-    BEST,
     STORED_CONFIG_KEY,
     RunDir,
     RunLock,
@@ -35,7 +34,7 @@ from reidreg.run_dir import (
     is_secondary_process,
     read_checkpoint,
 )
-from reidreg.training.checkpointing import AtomicCheckpointIO, ResumePoint
+from reidreg.training.checkpointing import AtomicCheckpointIO, BestCheckpoint, ResumePoint
 from reidreg.training.divergence import DivergenceGuard
 from reidreg.training.module import REPORTED_METRICS, ReIDModule
 from reidreg.training.performance import (
@@ -49,7 +48,7 @@ from reidreg.training.resume import resumed_config
 from reidreg.training.run_record import RunRecord
 from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
-from reidreg.utils.config import instantiate
+from reidreg.utils.config import flatten, instantiate
 from reidreg.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,17 @@ def resolve_resume(
     output_dir_given = any(o.split("=")[0].lstrip("+") == "paths.output_dir" for o in overrides or [])
     if overrides is not None and not output_dir_given:  # the CLI continues the run in its own folder
         resumed.paths.output_dir = str(original_run_dir(Path(ckpt_path), checkpoint_config))
+    in_run_dir(resumed, old=checkpoint_config["paths"]["output_dir"])
     return resumed, str(ckpt_path), int(checkpoint["global_step"])
+
+
+def in_run_dir(cfg: DictConfig, *, old: str) -> None:
+    """Every option under the run's stored folder ``old`` moved to ``paths.output_dir`` (the stored config
+    is resolved: the CSV logger's ``save_dir``, ``trainer.default_root_dir``), for a moved or copied run."""
+    new = str(cfg.paths.output_dir)
+    for key, value in flatten(OmegaConf.to_container(cfg)).items():
+        if isinstance(value, str) and (value == old or value.startswith(old.rstrip(os.sep) + os.sep)):
+            OmegaConf.update(cfg, key, new + value[len(old) :])
 
 
 def original_run_dir(ckpt_path: Path, checkpoint_config: dict[str, Any]) -> Path:
@@ -138,14 +147,9 @@ def build_trainer(
     # The guard vets every checkpoint (last and best) while it is assembled, before anything is written.
     callbacks: list[pl.Callback] = [guard, resume_point]
     if validate:
-        best = pl.callbacks.ModelCheckpoint(
-            dirpath=checkpoints,
-            filename=Path(BEST).stem,
-            monitor=cfg.checkpoint.monitor,
-            mode="max",
-            enable_version_counter=False,
-        )
-        callbacks.insert(0, best)  # first: trainer.checkpoint_callback is the "best" one
+        # Before the resume point (both are Lightning Checkpoints, run last, in this order): every
+        # last.ckpt holds the best of the validations before it. First: trainer.checkpoint_callback.
+        callbacks.insert(0, BestCheckpoint(checkpoints, monitor=cfg.checkpoint.monitor))
     # What the run shows (cfg.progress): throughput (its summary() is run.json's "performance"), one line
     # per validation, the progress bar or plain lines, a compact model summary.
     callbacks += console_callbacks(
@@ -247,18 +251,24 @@ def train_and_test(
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(provenance_for_wandb(provenance))
     try:
-        results = fit_and_test(cfg, trainer, module, datamodule, run_dir, ckpt_path)
+        with resume_point.listening():  # a stop signal in any phase: fit, test and what lies between
+            results = fit_and_test(cfg, trainer, module, datamodule, run_dir, ckpt_path)
     except BaseException as error:
+        if resume_point.received is not None and not isinstance(error, RunStopped):
+            # Lightning's own SIGTERM stop, or the job's handler exiting after our save: one interruption.
+            error = RunInterrupted(
+                f"received {resume_point.received.name}; resume with ckpt_path={resume_point.path}"
+            )
         if trainer.is_global_zero:
             status = error.status if isinstance(error, RunStopped) else "failed"
-            if resume_point.received is not None and not isinstance(error, RunStopped):
-                status = RunInterrupted.status  # e.g. submitit's handler exited after our save
             reason = (
                 one_line(error)
                 if isinstance(error, ReIDRegError)
                 else f"{type(error).__name__}: {one_line(error)}"
             )
             record.finish(status, reason=reason, performance=throughput_of(trainer).summary())
+        if isinstance(error, RunInterrupted):
+            raise error from None
         raise
     if trainer.is_global_zero:
         performance = throughput_of(trainer).summary()
@@ -279,15 +289,17 @@ def fit_and_test(
 ) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results: dict[str, float] = {}
-    if datamodule.has_validation and trainer.checkpoint_callback.best_model_score is not None:
-        results["val/best_mAP"] = float(trainer.checkpoint_callback.best_model_score)
+    best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)), None)
+    if best is not None and best.best_model_score is not None:  # restored by a resume, moved or not
+        results["val/best_mAP"] = float(best.best_model_score)
         for logger in trainer.loggers:  # W&B sweeps select on it (sweeps/wandb/l2_search_*.yaml)
             logger.log_metrics({"val/best_mAP": results["val/best_mAP"]}, step=trainer.global_step)
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if datamodule.has_validation else ""
-        results.update(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
+        best_path = best.best_model_path if best is not None else ""
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        results.update(test[0])
         if trainer.is_global_zero:
-            checkpoint = best or "final weights (no validation hold-out)"
+            checkpoint = best_path or "final weights (no validation hold-out)"
             atomic_write(
                 RunDir(run_dir).test_metrics,
                 json.dumps({**results, "checkpoint": str(checkpoint)}, indent=2) + "\n",

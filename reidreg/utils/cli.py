@@ -24,7 +24,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
-from reidreg.errors import ReIDRegError, message_of
+from reidreg.errors import ReIDRegError, RunStopped, message_of
 from reidreg.options.check import (
     CONF_DIR,
     known_keys,
@@ -32,7 +32,7 @@ from reidreg.options.check import (
     unselected_regularizer_option,
 )
 from reidreg.options.rules import raise_if_any, unknown_option
-from reidreg.run_dir import LOCK_FILE
+from reidreg.run_dir import LOCK_FILE, is_secondary_process
 from reidreg.utils.console import FILE_ONLY_LOGGER
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
         run_log = logging.getLogger(FILE_ONLY_LOGGER)
         if run_log.handlers:  # the run's log file keeps it too (extract and export have none)
             run_log.error("error: %s", message)
-        print(f"error: {message}", file=sys.stderr)
+        if not (isinstance(error, RunStopped) and is_secondary_process()):  # all ranks stop: rank 0 says it
+            print(f"error: {message}", file=sys.stderr)
         remove_unused_run_dir()
         sys.exit(getattr(error, "exit_code", 2))
 
