@@ -18,8 +18,9 @@ from reidreg.report import main, report
 from reidreg.reporting.gather import expected_jobs, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
 from reidreg.reporting.plots import lambda_history, over_seeds
-from reidreg.reporting.stats import holm_adjust, summarize, welch_p_value
-from reidreg.reporting.table import build_rows, markdown_table
+from reidreg.reporting.stats import holm_adjust, summarize, welch_difference
+from reidreg.reporting.table import build_rows
+from reidreg.reporting.table_text import markdown_table
 
 REGULARIZER_NODES = {
     "none": {},
