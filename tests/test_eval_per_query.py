@@ -11,7 +11,7 @@ import torch
 
 from reidreg.evaluate import evaluate_checkpoint
 from reidreg.evaluation import ReIDMetric
-from reidreg.evaluation.per_query import PerQuery
+from reidreg.per_query import PerQuery
 from reidreg.run_dir import PER_QUERY_FILE, RunDir
 from reidreg.train import train
 from tests.test_evaluate_cli import _evaluate_config

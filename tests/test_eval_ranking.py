@@ -6,7 +6,7 @@ import torch
 
 from reidreg.evaluation import rank_metrics
 from reidreg.evaluation import ranking as ranking_module
-from reidreg.evaluation.per_query import PerQuery
+from reidreg.per_query import PerQuery
 
 
 def reference_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):

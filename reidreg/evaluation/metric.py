@@ -8,7 +8,7 @@ any order and mix). States are lists concatenated across DDP ranks (``dist_reduc
 result, not even how ties are ranked.
 
 ``compute`` also returns every query's result (``"per_query"``, a
-:class:`~reidreg.evaluation.per_query.PerQuery`) and keeps its whole result as ``last_result``, which
+:class:`~reidreg.per_query.PerQuery`) and keeps its whole result as ``last_result``, which
 ``reset`` leaves alone, so that a test loop's per-query results can be saved after it ends.
 
 DDP: every sample must be seen by exactly one rank. A ``DistributedSampler`` pads the dataset with

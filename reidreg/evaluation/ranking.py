@@ -5,7 +5,7 @@ distance; gallery items with the query's pid *and* camera are dropped; a query w
 skipped (excluded from every average). CMC@k is the share of valid queries whose first match is within the
 top k; AP is the mean over the true matches of the precision at each match's rank (non-interpolated); mINP
 is (number of matches) / (1-based rank of the last match), averaged over valid queries. Every query's
-own AP, INP and first-match rank are kept too (``reidreg.evaluation.per_query``).
+own AP, INP and first-match rank are kept too (``reidreg.per_query``).
 
 Ties: the ranking is the one a *stable* sort by distance gives, i.e. equal distances are ordered by gallery
 index, lower index first (``np.argsort(row, kind="stable")``). Deterministic and independent of chunking.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reidreg.evaluation.per_query import PerQuery
+from reidreg.per_query import PerQuery
 
 # Query rows per work item: large enough to amortise Python overhead, small enough to stay in cache.
 BLOCK_ROWS = 32

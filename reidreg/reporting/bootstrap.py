@@ -2,7 +2,7 @@
 
 A method's test mAP varies with the seed (training) and with the test set (which identities happen to
 be in it); the t test over seeds sees only the first. Every run of a dataset is tested on the same
-queries, so with each run's per-query AP (``reidreg.evaluation.per_query``) both sources can be
+queries, so with each run's per-query AP (``reidreg.per_query``) both sources can be
 resampled. The design is *crossed* — every seed is scored on every identity — so a replicate draws
 (Owen, "The pigeonhole bootstrap", Annals of Applied Statistics 2007):
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reidreg.evaluation.per_query import PerQuery
+from reidreg.per_query import PerQuery
 
 DEFAULT_SAMPLES = 10_000
 BLOCK = 500  # replicates per block: bounds the memory of the identity-count matrix

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reidreg.evaluation.per_query import PerQuery
+from reidreg.per_query import PerQuery
 from reidreg.reporting.bootstrap import DEFAULT_SAMPLES, BootstrapResult, TestSetBootstrap
 from reidreg.reporting.gather import Run
 from reidreg.reporting.methods import settings

@@ -1,4 +1,5 @@
-"""Every query's result of one test: the evidence behind mAP, kept for paired comparisons.
+"""Every query's result of one test: the evidence behind mAP, kept for paired comparisons (numpy only:
+the report reads it without loading torch).
 
 A test set has thousands of queries (Market-1501 3,368; MSMT17 11,659), and two models tested on the
 same set are compared query by query (``reidreg.reporting.bootstrap``). One row per query, in the order
