@@ -60,7 +60,7 @@ def _stream(seed: int, *names: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(name.encode()) for name in names)])
 
 
-class TestSetBootstrap:
+class DatasetBootstrap:
     """Resampled mAPs of the runs of one dataset, all on the same resampled test sets.
 
     ``per_query``: every run's results, in the order of their columns. Raises ValueError if they are not

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reidreg.per_query import PerQuery
-from reidreg.reporting.bootstrap import DEFAULT_SAMPLES, BootstrapResult, TestSetBootstrap
+from reidreg.reporting.bootstrap import DEFAULT_SAMPLES, BootstrapResult, DatasetBootstrap
 from reidreg.reporting.gather import Run
 from reidreg.reporting.methods import settings
 from reidreg.reporting.stats import (
@@ -282,7 +282,7 @@ def _bootstrap(
         )
     try:
         resampler = (
-            TestSetBootstrap(
+            DatasetBootstrap(
                 [PerQuery.load(files[id(run)]) for run in usable],
                 dataset=reference.dataset,
                 seed=seed,
