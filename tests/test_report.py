@@ -148,7 +148,8 @@ def brute_force_sign_flip(differences) -> float:
     observed = abs(sum(differences))
     patterns = list(itertools.product((1, -1), repeat=len(differences)))
     reached = sum(
-        abs(sum(s * d for s, d in zip(signs, differences))) >= observed - 1e-9 for signs in patterns
+        abs(sum(s * d for s, d in zip(signs, differences, strict=True))) >= observed - 1e-9
+        for signs in patterns
     )
     return reached / len(patterns)
 
@@ -711,7 +712,8 @@ def test_cost_columns_show_their_spread_and_flag_a_run_slowed_down(tmp_path, pro
     rows = {line.split(" | ")[0][2:]: line for line in cost.splitlines()[2:]}
     assert rows["none"] == "| none | synthetic | 100.0 (90.0–110.0) | baseline | 510 (500–510) |  |"
     assert rows["adversarial"] == (
-        "| adversarial | synthetic | 64.5 (30.0–66.0) | 0.65 | 720 (700–720) | 1 run(s) > 1.5× off the median img/s |"
+        "| adversarial | synthetic | 64.5 (30.0–66.0) | 0.65 | 720 (700–720) "
+        "| 1 run(s) > 1.5× off the median img/s |"
     )
     assert rows["sgsl"] == "| sgsl | synthetic | n/a | n/a | n/a |  |"
     assert (
