@@ -836,3 +836,59 @@ def test_report_cli_warns_about_precision(tmp_path, provenance):
     assert result.returncode == 0, result.stderr
     line = "- synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); 16-mixed (1 run: `b`"
     assert line in result.stdout and line in (tmp_path / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ real runs
+def test_a_study_of_real_tiny_runs_with_one_diverging(tmp_path, tiny_config):
+    """2 methods × 2 seeds trained and tested for real, and a third method whose only run diverges."""
+    from reidreg.errors import ReIDRegError
+    from reidreg.per_query import PerQuery
+    from reidreg.train import train
+
+    study = tmp_path / "study"
+    jobs = [("none", 0), ("none", 1), ("sgsl", 0), ("sgsl", 1)]
+    for index, (regularizer, seed) in enumerate(jobs):
+        train(
+            tiny_config(
+                "trainer.max_epochs=1",
+                f"regularizer={regularizer}",
+                f"seed={seed}",
+                f"paths.output_dir={study / str(index)}",
+            )
+        )
+    with pytest.raises(ReIDRegError, match="diverged"):
+        train(
+            tiny_config(
+                "trainer.max_epochs=1",
+                "optim.optimizer.lr=1e6",
+                "optim.schedule.warmup_epochs=0",
+                f"paths.output_dir={study / '4'}",
+            )
+        )
+    text, _ = report([study], plots=False, samples=500)
+    with (study / "report.csv").open() as file:
+        rows = {
+            row["method"].split(" ")[0] + ("*" if "lr=1000000" in row["method"] else ""): row
+            for row in csv.DictReader(file)
+        }
+    # The diverged run keeps its own row (another learning rate: another experiment), counted, not averaged.
+    diverged = rows["none*"]
+    assert (diverged["finished"], diverged["launched"], diverged["n"]) == ("0", "1", "0")
+    assert "| 0/1: 1 diverged | — (no finished run) |" in text
+    # The paired comparison equals scipy on the runs' own test metrics, seed by seed.
+    metrics = {
+        job: json.loads((study / str(i) / "test_metrics.json").read_text()) for i, job in enumerate(jobs)
+    }
+    base = [100 * metrics[("none", s)]["test/mAP"] for s in (0, 1)]
+    mine = [100 * metrics[("sgsl", s)]["test/mAP"] for s in (0, 1)]
+    sgsl = rows["sgsl"]
+    assert sgsl["mAP_test"] == "paired t" and sgsl["mAP_pairs"] == "2"
+    assert float(sgsl["mAP_delta"]) == pytest.approx(np.mean(np.subtract(mine, base)))
+    if np.ptp(np.subtract(mine, base)) > 0:
+        assert float(sgsl["mAP_p"]) == pytest.approx(scipy_stats.ttest_rel(mine, base).pvalue)
+    # The bootstrap read every run's per-query file, whose mean AP is the run's mAP exactly.
+    for index in range(4):
+        per_query = PerQuery.load(study / str(index) / "test_per_query.npz")
+        assert per_query.mean_ap() == metrics[jobs[index]]["test/mAP"]
+    assert float(sgsl["mAP_bootstrap_low"]) <= float(sgsl["mAP_bootstrap_high"])
+    assert 0.0 <= float(sgsl["mAP_p_improvement"]) <= 1.0
