@@ -1,7 +1,7 @@
 """Exact ReID ranking metrics (CMC, mAP, mINP) from a query x gallery distance matrix, without sorting.
 
-Protocol (the Market-1501 standard): for each query the gallery is ranked by ascending
-distance; gallery items with the query's pid *and* camera are dropped; a query with no true match left is
+Protocol (the Market-1501 standard; docs/protocol.md, section Evaluation): for each query the gallery is
+ranked by ascending distance; gallery items with the query's pid *and* camera are dropped; a query with no true match left is
 skipped (excluded from every average). CMC@k is the share of valid queries whose first match is within the
 top k; AP is the mean over the true matches of the precision at each match's rank (non-interpolated); mINP
 is (number of matches) / (1-based rank of the last match), averaged over valid queries. Every query's

@@ -1,4 +1,5 @@
-"""Statistics of a comparison over seeds: the difference to the baseline, its interval and its tests.
+"""Statistics of a comparison over seeds: the difference to the baseline, its interval and its tests
+(docs/protocol.md, section Comparing methods over seeds).
 
 Each method is run with a few seeds; a seed's score is one sample of the method's score distribution.
 With the same seed, two methods start from identical weights, see the same batches and hold out the same
