@@ -1,11 +1,11 @@
 """Exact ReID ranking metrics (CMC, mAP, mINP) from a query x gallery distance matrix, without sorting.
 
 Protocol (the Market-1501 standard; docs/protocol.md, section Evaluation): for each query the gallery is
-ranked by ascending distance; gallery items with the query's pid *and* camera are dropped; a query with no true match left is
-skipped (excluded from every average). CMC@k is the share of valid queries whose first match is within the
-top k; AP is the mean over the true matches of the precision at each match's rank (non-interpolated); mINP
-is (number of matches) / (1-based rank of the last match), averaged over valid queries. Every query's
-own AP, INP and first-match rank are kept too (``reidreg.per_query``).
+ranked by ascending distance; gallery items with the query's pid *and* camera are dropped; a query with no
+true match left is skipped (excluded from every average). CMC@k is the share of valid queries whose first
+match is within the top k; AP is the mean over the true matches of the precision at each match's rank
+(non-interpolated); mINP is (number of matches) / (1-based rank of the last match), averaged over valid
+queries. Every query's own AP, INP and first-match rank are kept too (``reidreg.per_query``).
 
 Ties: the ranking is the one a *stable* sort by distance gives, i.e. equal distances are ordered by gallery
 index, lower index first (``np.argsort(row, kind="stable")``). Deterministic and independent of chunking.
