@@ -158,7 +158,8 @@ def markdown_table(rows: list[Row]) -> str:
 def legend(alpha: float) -> str:
     minimum = sign_flip_min_pairs(alpha)
     sentences = [
-        "runs: finished/launched, then how the others ended; only finished runs are averaged.",
+        "runs: finished/launched (run directories found; jobs of a multirun that left none are listed",
+        "under Missing runs), then how the others ended; only finished runs are averaged.",
         "Metrics in %, mean ± sample std (ddof = 1) over the seeds (a seed run twice counts once).",
         f"Δ: method − baseline of the same dataset, in points, with its {CONFIDENCE:.0%} t interval: paired",
         "over the seeds both have (mean of the per-seed differences), or Welch's unpaired interval where",
