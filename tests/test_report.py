@@ -459,7 +459,13 @@ def test_repeated_and_unmatched_seeds_are_named_and_never_counted_twice(tmp_path
         "left out of the pairing",
     ]
     assert notes[2].startswith("synthetic: 6 run(s) have no test_per_query.npz")  # made by hand: no bootstrap
+    assert notes[2].endswith(" and 1 more")  # the first 5 named
     assert rows[1].outcomes() == "7/7"
+    untested = make_run(tmp_path / "untested", regularizer="sgsl", seed=8, mAP=None)  # its test file lost
+    (untested / "run.json").write_text(json.dumps({"status": "finished"}))
+    runs = gather([tmp_path]).runs
+    rows, _ = build_rows(runs, method_labels(runs))
+    assert rows[1].outcomes() == "7/8: 1 no test metrics"  # trained to the end, but no test metrics
 
 
 def test_without_shared_seeds_the_comparison_is_welch_and_says_so(tmp_path):

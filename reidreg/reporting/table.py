@@ -31,7 +31,7 @@ import numpy as np
 
 from reidreg.per_query import PerQuery
 from reidreg.reporting.bootstrap import DEFAULT_SAMPLES, BootstrapResult, DatasetBootstrap
-from reidreg.reporting.gather import Run
+from reidreg.reporting.gather import FINISHED, Run
 from reidreg.reporting.methods import settings
 from reidreg.reporting.stats import (
     Difference,
@@ -115,7 +115,11 @@ class Row:
     def outcomes(self) -> str:
         """``finished/launched``, then how the others ended (``3/5: 1 diverged, 1 failed``)."""
         finished = {id(run) for run in self.runs}
-        ended = Counter(run.status or "no test metrics" for run in self.launched if id(run) not in finished)
+        ended = Counter(
+            "no test metrics" if run.status in (None, FINISHED) else run.status
+            for run in self.launched
+            if id(run) not in finished
+        )
         text = f"{len(self.runs)}/{len(self.launched)}"
         return text + (": " + ", ".join(f"{n} {status}" for status, n in ended.items()) if ended else "")
 
@@ -278,7 +282,8 @@ def _bootstrap(
         notes.append(
             f"{reference.dataset}: {len(lacking)} run(s) have no {files[id(lacking[0])].name} (tested before "
             "reidreg kept per-query results), so no bootstrap for their comparisons: "
-            + ", ".join(f"`{run.run_dir}`" for run in lacking)
+            + ", ".join(f"`{run.run_dir}`" for run in lacking[:5])
+            + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
         )
     try:
         resampler = (
