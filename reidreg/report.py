@@ -4,15 +4,18 @@ Gathers every run below the given directories (``reidreg.reporting.gather``), na
 (``reidreg.reporting.methods``), and writes into ``--out`` (default: the directory given, or the common
 parent of several):
 
-- ``report.md`` and ``report.csv``: method × dataset, mAP / R1 / mINP as mean ± std over seeds, the
-  difference to the baseline and Welch's t-test (``reidreg.reporting.table``, ``reidreg.reporting.stats``);
+- ``report.md`` and ``report.csv``: method × dataset, every run launched and how it ended, mAP (primary)
+  and R1 / mINP (secondary) as mean ± std over seeds, the difference to the baseline over the seeds both
+  have (paired t and sign-flip tests, Holm-corrected; ``reidreg.reporting.stats``), a two-level
+  bootstrap over seeds and test identities from the runs' per-query results (deterministic for
+  ``--seed``; ``reidreg.reporting.bootstrap``), and the cost (``reidreg.reporting.table``);
 - ``map.png`` and, for adaptive L2, ``lambda_median_<method>_<dataset>.png`` (``reidreg.reporting.plots``).
 
-The Markdown report is also printed. Runs that did not finish — failed, diverged or interrupted
-according to their ``run.json``, or without ``test_metrics.json`` — and jobs of a multirun that never
-started are listed in it and never averaged; so are differences between methods other than the method
-itself. The table shows each method's training speed and peak memory (``run.json``), and the report warns
-when the runs compared differ in their environment (software, code version, precision, device, dataset;
+The Markdown report is also printed. Runs that did not finish (failed, diverged or interrupted
+according to their ``run.json``, or without ``test_metrics.json``) are counted in their method's row,
+listed with their logs, and never averaged; jobs of a multirun that never started are listed too; so
+are differences between methods other than the method itself. The report warns when the runs compared
+differ in their environment (software, code version, precision, device, dataset;
 ``reidreg.reporting.environment``).
 """
 
@@ -24,10 +27,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from reidreg.reporting.bootstrap import DEFAULT_SAMPLES
 from reidreg.reporting.environment import environment_differences, shared_environment, without_provenance
 from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
-from reidreg.reporting.table import Row, build_rows, legend, markdown_table, write_csv
+from reidreg.reporting.table import Row, build_rows
+from reidreg.reporting.table_text import legend, markdown_table, write_csv
 from reidreg.run_dir import RunDir
 
 
@@ -98,7 +103,7 @@ def render(
     describe: Callable[[Run], str],
 ) -> str:
     sections = [
-        f"# Comparison of {len(study.finished)} finished runs\n",
+        f"# Comparison of {len(study.finished)} finished runs ({len(study.runs)} launched)\n",
         "Runs gathered from " + ", ".join(f"`{path}`" for path in paths) + ".\n",
     ]
     differences = environment_differences(study.finished, describe)
@@ -117,7 +122,7 @@ def render(
         sections.append(f"\nShared by every run compared that has a run.json: {environment}.")
     if study.unfinished:
         sections.append(
-            f"\n## Unfinished or failed runs ({len(study.unfinished)}), not in the table and never averaged"
+            f"\n## Unfinished or failed runs ({len(study.unfinished)}), counted in the table, never averaged"
             f" ({_status_counts(study.unfinished)})\n"
         )
         sections += [describe_unfinished(run) for run in study.unfinished]
@@ -146,14 +151,16 @@ def report(
     baseline: str | None = None,
     alpha: float = 0.05,
     plots: bool = True,
+    seed: int = 0,
+    samples: int = DEFAULT_SAMPLES,
 ) -> tuple[str, list[Path]]:
     """Write the report of the runs under ``paths``; returns its Markdown text and the files written."""
     study = gather(paths)
     if not study.runs:
         raise FileNotFoundError(f"no run directory (config.yaml, test_metrics.json or .hydra/) under {paths}")
     finished = study.finished
-    labels = method_labels(finished)
-    rows, notes = build_rows(finished, labels, baseline=baseline, alpha=alpha)
+    labels = method_labels(study.runs)
+    rows, notes = build_rows(study.runs, labels, baseline=baseline, alpha=alpha, seed=seed, samples=samples)
     notes += comparability_notes(finished, labels)
     legacy = without_provenance(finished)
     if legacy:
@@ -195,10 +202,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None, help="method to compare with (default: none)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     parser.add_argument("--no-plots", action="store_true", help="only the Markdown and CSV tables")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument(
+        "--bootstrap-samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help=f"bootstrap replicates (default {DEFAULT_SAMPLES})",
+    )
     args = parser.parse_args(argv)
+    if args.bootstrap_samples < 100:
+        parser.error(f"--bootstrap-samples must be at least 100 (got {args.bootstrap_samples})")
+    if not 0 < args.alpha < 1:
+        parser.error(f"--alpha must be between 0 and 1 (got {args.alpha})")
     try:
         text, written = report(
-            args.paths, out_dir=args.out, baseline=args.baseline, alpha=args.alpha, plots=not args.no_plots
+            args.paths,
+            out_dir=args.out,
+            baseline=args.baseline,
+            alpha=args.alpha,
+            plots=not args.no_plots,
+            seed=args.seed,
+            samples=args.bootstrap_samples,
         )
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,39 +6,60 @@ import torch
 
 from reidreg.evaluation import rank_metrics
 from reidreg.evaluation import ranking as ranking_module
+from reidreg.per_query import PerQuery
 
 
 def reference_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     """Loop per query: stable argsort, drop same pid + same camera, AP / INP / CMC by definition."""
-    average_precisions, inverse_negative_penalties, first_ranks = [], [], []
+    columns = {"valid": [], "ap": [], "inp": [], "first_match_rank": []}
     for query in range(distmat.shape[0]):
         order = np.argsort(distmat[query], kind="stable")
         removed = (g_pids[order] == q_pids[query]) & (g_camids[order] == q_camids[query])
         is_match = (g_pids[order] == q_pids[query])[~removed]
         if not is_match.any():
+            for name, value in zip(columns, (False, np.nan, np.nan, 0), strict=True):
+                columns[name].append(value)
             continue
         match_ranks = np.flatnonzero(is_match) + 1
         precisions = [(i + 1) / rank for i, rank in enumerate(match_ranks)]
-        average_precisions.append(np.mean(precisions))
-        inverse_negative_penalties.append(len(match_ranks) / match_ranks[-1])
-        first_ranks.append(match_ranks[0])
-    if not first_ranks:
+        values = (True, np.mean(precisions), len(match_ranks) / match_ranks[-1], match_ranks[0])
+        for name, value in zip(columns, values, strict=True):
+            columns[name].append(value)
+    per_query = {name: np.array(values) for name, values in columns.items()}
+    valid = per_query["valid"]
+    if not valid.any():
         raise ValueError("no valid query")
-    first_ranks = np.array(first_ranks)
+    first_ranks = per_query["first_match_rank"][valid]
     return {
-        "mAP": float(np.mean(average_precisions)),
-        "mINP": float(np.mean(inverse_negative_penalties)),
+        "mAP": float(np.mean(per_query["ap"][valid])),
+        "mINP": float(np.mean(per_query["inp"][valid])),
         "cmc": np.array([(first_ranks <= k).mean() for k in range(1, max_rank + 1)]),
-        "num_valid_queries": len(first_ranks),
+        "num_valid_queries": int(valid.sum()),
+        "num_queries": distmat.shape[0],
+        "per_query": PerQuery(
+            query_index=np.arange(distmat.shape[0]), pid=q_pids, camid=q_camids, **per_query
+        ),
     }
 
 
 def assert_same_metrics(result, expected):
     assert result["num_valid_queries"] == expected["num_valid_queries"]
+    assert result["num_queries"] == expected["num_queries"]
     assert result["mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
     assert result["mINP"] == pytest.approx(expected["mINP"], abs=1e-12)
     assert result["cmc"].shape == expected["cmc"].shape
     np.testing.assert_allclose(result["cmc"], expected["cmc"], atol=1e-12)
+    # Every query's own result, the queries without a valid match included (NaN AP and INP, rank 0).
+    per_query, reference = result["per_query"], expected["per_query"]
+    np.testing.assert_array_equal(per_query.query_index, np.arange(expected["num_queries"]))
+    for name in ("pid", "camid", "valid", "first_match_rank"):
+        np.testing.assert_array_equal(getattr(per_query, name), getattr(reference, name), err_msg=name)
+    for name in ("ap", "inp"):
+        expected_values = getattr(reference, name)
+        np.testing.assert_allclose(getattr(per_query, name), expected_values, atol=1e-12, err_msg=name)
+    # The reported mAP is the mean AP of the valid queries, to the last bit.
+    assert per_query.ap[per_query.valid].mean() == result["mAP"]
+    assert per_query.inp[per_query.valid].mean() == result["mINP"]
 
 
 def random_problem(rng, *, num_query, num_gallery, num_ids, num_cameras, distances):
@@ -124,9 +145,15 @@ def test_queries_without_valid_match_are_skipped():
     distmat = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
     # Query 0: match only in its own camera; query 1: pid absent; query 2: valid, match at rank 2.
     result = rank_metrics(distmat, [1, 9, 2], [1, 2], [0, 0, 0], [0, 1], max_rank=2)
-    assert result["num_valid_queries"] == 1
+    assert result["num_valid_queries"] == 1 and result["num_queries"] == 3
     assert result["mAP"] == pytest.approx(0.5)
     np.testing.assert_allclose(result["cmc"], [0.0, 1.0])
+    per_query = result["per_query"]  # the skipped queries are kept, marked not valid
+    np.testing.assert_array_equal(per_query.valid, [False, False, True])
+    np.testing.assert_array_equal(per_query.pid, [1, 9, 2])
+    np.testing.assert_array_equal(per_query.first_match_rank, [0, 0, 2])
+    np.testing.assert_array_equal(per_query.ap, [np.nan, np.nan, 0.5])
+    np.testing.assert_array_equal(per_query.inp, [np.nan, np.nan, 0.5])
 
 
 def test_max_rank_beyond_gallery_keeps_last_value():

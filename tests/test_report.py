@@ -4,6 +4,7 @@ missing and failed runs, the written table and plots. (A real study goes through
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -15,11 +16,21 @@ import yaml
 from scipy import stats as scipy_stats
 
 from reidreg.report import main, report
-from reidreg.reporting.gather import expected_jobs, gather
+from reidreg.reporting.gather import Run, expected_jobs, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
 from reidreg.reporting.plots import lambda_history, over_seeds
-from reidreg.reporting.stats import holm_adjust, summarize, welch_p_value
-from reidreg.reporting.table import build_rows, markdown_table
+from reidreg.reporting.stats import (
+    PAIRED,
+    WELCH,
+    holm_adjust,
+    paired_difference,
+    sign_flip_min_pairs,
+    sign_flip_p_value,
+    summarize,
+    welch_difference,
+)
+from reidreg.reporting.table import Cost, build_rows
+from reidreg.reporting.table_text import markdown_table
 
 REGULARIZER_NODES = {
     "none": {},
@@ -109,19 +120,76 @@ def test_summary_is_mean_and_sample_std():
     assert math.isnan(summarize([4.0]).std)
 
 
-def test_welch_p_value_matches_the_welch_satterthwaite_formula():
+def test_welch_difference_matches_the_welch_satterthwaite_formula():
     a, b = [70.1, 71.3, 70.8], [68.2, 69.9, 68.7, 69.0]
     va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
     t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
     dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    expected = 2 * scipy_stats.t.sf(abs(t), dof)
-    assert welch_p_value(a, b) == pytest.approx(expected, rel=1e-10)
-    assert 0.0 < expected < 0.05  # a clear difference on this example
+    difference = welch_difference(a, b)
+    assert difference.test == WELCH and difference.pairs == 0 and difference.p_sign_flip is None
+    assert difference.p == pytest.approx(2 * scipy_stats.t.sf(abs(t), dof), rel=1e-10)
+    assert difference.p == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-12)
+    half = scipy_stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    assert difference.delta == pytest.approx(np.mean(a) - np.mean(b))
+    assert (difference.low, difference.high) == pytest.approx(
+        (difference.delta - half, difference.delta + half)
+    )
+    assert 0.0 < difference.p < 0.05  # a clear difference on this example
 
 
-def test_welch_p_value_is_undefined_without_two_seeds_or_without_variance():
-    assert welch_p_value([70.0], [69.0, 68.0]) is None
-    assert welch_p_value([70.0, 70.0], [69.0, 69.0]) is None
+def test_welch_is_undefined_without_two_seeds_or_without_variance():
+    assert welch_difference([70.0], [69.0, 68.0]).why_no_test == "<2 seeds on a side"
+    no_variance = welch_difference([70.0, 70.0], [69.0, 69.0])
+    assert no_variance.p is None and no_variance.low is None and no_variance.why_no_test == "no variance"
+
+
+def brute_force_sign_flip(differences) -> float:
+    """Every one of the 2^n sign patterns, written out."""
+    observed = abs(sum(differences))
+    patterns = list(itertools.product((1, -1), repeat=len(differences)))
+    reached = sum(
+        abs(sum(s * d for s, d in zip(signs, differences, strict=True))) >= observed - 1e-9
+        for signs in patterns
+    )
+    return reached / len(patterns)
+
+
+def test_paired_difference_matches_scipy_and_a_brute_force_sign_flip_test():
+    a = [71.2, 69.8, 72.5, 70.9, 71.7, 70.2, 72.0]
+    b = [70.1, 69.9, 71.0, 70.0, 70.2, 69.1, 71.3]
+    d = np.subtract(a, b)
+    difference = paired_difference(a, b)
+    assert difference.test == PAIRED and difference.pairs == 7
+    assert difference.delta == pytest.approx(d.mean())
+    half = scipy_stats.t.ppf(0.975, 6) * d.std(ddof=1) / math.sqrt(7)
+    assert difference.low == pytest.approx(d.mean() - half, rel=1e-12)
+    assert difference.high == pytest.approx(d.mean() + half, rel=1e-12)
+    assert difference.p == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue, rel=1e-12)
+    assert difference.p_sign_flip == brute_force_sign_flip(list(d)) == pytest.approx(4 / 128)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 9, 13])
+def test_exact_sign_flip_test_equals_the_enumeration_of_every_sign_pattern(n):
+    rng = np.random.default_rng(n)
+    for differences in (
+        rng.normal(0.3, 1.0, n),
+        rng.integers(-2, 3, n).astype(float),  # ties and zeros
+        np.full(n, 0.5),
+    ):
+        assert sign_flip_p_value(differences) == pytest.approx(brute_force_sign_flip(list(differences)))
+
+
+def test_sign_flip_test_runs_only_where_p_below_alpha_is_reachable():
+    assert sign_flip_min_pairs(0.05) == 6 and sign_flip_min_pairs(0.01) == 8
+    # Five pairs all in the same direction: the smallest two-sided p there is, 2 / 2^5, above 0.05.
+    assert sign_flip_p_value([1.0] * 5) == pytest.approx(0.0625)
+    five = paired_difference([1.0, 2.0, 3.0, 4.0, 5.5], [0.0] * 5)
+    assert five.p_sign_flip is None and five.why_no_sign_flip == "n<6"
+    assert paired_difference([1.0] * 6, [0.0, 0.5, 0.1, 0.2, 0.3, 0.4]).p_sign_flip == pytest.approx(2 / 64)
+    one = paired_difference([1.0], [0.5])
+    assert one.p is None and one.why_no_test == "1 pair" and one.delta == pytest.approx(0.5)
+    same = paired_difference([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])  # every seed moved by 0.5
+    assert same.p is None and same.why_no_test == "no variance" and same.delta == pytest.approx(0.5)
 
 
 def test_holm_adjustment_by_hand():
@@ -177,7 +245,7 @@ def test_gather_lists_finished_unfinished_and_missing_jobs(tmp_path):
     assert gather([sweep / "0"]).missing == []
 
 
-def test_report_lists_failed_and_missing_runs_and_leaves_them_out_of_the_table(tmp_path):
+def test_report_counts_failed_runs_in_their_row_and_lists_failed_and_missing_runs(tmp_path):
     sweep = _study_with_a_failed_and_a_missing_job(tmp_path)
     text, written = report([sweep], plots=False)
     assert "## Unfinished or failed runs (1)" in text
@@ -187,7 +255,12 @@ def test_report_lists_failed_and_missing_runs_and_leaves_them_out_of_the_table(t
     assert "## Missing runs (1)" in text and "job 3:" in text
     with (sweep / "report.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert [(row["method"], row["n"]) for row in rows] == [("none", "2")]
+    # The method whose only run failed keeps its row, with nothing averaged.
+    assert [(row["method"], row["n"], row["finished"], row["launched"]) for row in rows] == [
+        ("none", "2", "2", "2"),
+        ("sgsl", "0", "0", "1"),
+    ]
+    assert "| sgsl | synthetic | 0/1: 1 no test metrics | — (no finished run) |" in text
     assert written == [sweep / "report.md", sweep / "report.csv"]
     assert (sweep / "report.md").read_text() == text
 
@@ -197,7 +270,10 @@ def test_runs_of_several_directories_and_no_runs(tmp_path, capsys):
     make_run(tmp_path / "b" / "run", regularizer="sgsl", mAP=0.6)
     assert main([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "--no-plots"]) == 0
     assert (tmp_path / "report.md").is_file()  # the common parent
-    assert "| sgsl | synthetic | 1 | 60.00 | +10.00 | n/a |" in capsys.readouterr().out
+    assert (
+        "| sgsl | synthetic | 1/1 | 60.00 | +10.00 | none: unpaired (Welch) | n/a (<2 seeds on a side) |"
+        in capsys.readouterr().out
+    )
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
 
@@ -273,11 +349,15 @@ def test_settings_that_differ_between_methods_are_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- table
+BASE = [0.700, 0.712, 0.695, 0.721, 0.708, 0.716, 0.703]
+
+
 def test_rows_compare_each_method_with_the_baseline_of_its_dataset(tmp_path):
+    gains = [0.012, 0.008, 0.015, 0.010, 0.004, 0.011, 0.009]  # every seed better: sign-flip p = 2 / 2^7
     values = {
-        ("none", "market1501"): [0.70, 0.71, 0.72],
-        ("sgsl", "market1501"): [0.75, 0.76, 0.78],
-        ("adaptive_l2", "market1501"): [0.705, 0.715, 0.72],
+        ("none", "market1501"): BASE,
+        ("sgsl", "market1501"): [b + g for b, g in zip(BASE, gains, strict=True)],
+        ("adaptive_l2", "market1501"): [b + g for b, g in zip(BASE, [0.002, -0.001, 0.004], strict=False)],
         ("sgsl", "dukemtmc"): [0.60, 0.61],
         ("none", "dukemtmc"): [0.58],
     }
@@ -288,7 +368,6 @@ def test_rows_compare_each_method_with_the_baseline_of_its_dataset(tmp_path):
     ]
     runs = _gathered(tmp_path, specs)
     rows, notes = build_rows(runs, method_labels(runs))
-    assert notes == []
     assert [(row.method, row.dataset) for row in rows] == [
         ("none", "market1501"),
         ("sgsl", "market1501"),
@@ -296,32 +375,141 @@ def test_rows_compare_each_method_with_the_baseline_of_its_dataset(tmp_path):
         ("none", "dukemtmc"),
         ("sgsl", "dukemtmc"),
     ]
-    base = [100 * v for v in values[("none", "market1501")]]
+    base = [100 * v for v in BASE]
     p_values = []
     for row in rows[1:3]:
         mine = [100 * v for v in values[(row.method, "market1501")]]
+        n = len(mine)
         comparison = row.metrics["mAP"]
+        difference = comparison.difference
+        d = np.subtract(mine, base[:n])  # paired by seed: the seeds both have
         assert comparison.summary.mean == pytest.approx(np.mean(mine))
         assert comparison.summary.std == pytest.approx(np.std(mine, ddof=1))
-        assert comparison.delta == pytest.approx(np.mean(mine) - np.mean(base))
-        assert comparison.p == pytest.approx(scipy_stats.ttest_ind(mine, base, equal_var=False).pvalue)
-        p_values.append(comparison.p)
-    # Holm over the two methods compared with `none` on market1501
+        assert difference.test == PAIRED and difference.pairs == n
+        assert difference.delta == pytest.approx(d.mean())
+        half = scipy_stats.t.ppf(0.975, n - 1) * np.std(d, ddof=1) / math.sqrt(n)
+        assert (difference.low, difference.high) == pytest.approx((d.mean() - half, d.mean() + half))
+        assert difference.p == pytest.approx(scipy_stats.ttest_rel(mine, base[:n]).pvalue, rel=1e-9)
+        p_values.append(difference.p)
+    assert rows[1].metrics["mAP"].difference.p_sign_flip == pytest.approx(brute_force_sign_flip(gains))
+    assert rows[2].metrics["mAP"].difference.why_no_sign_flip == "n<6"
+    # Holm over the two methods compared with `none` on market1501, by hand
     smaller, larger = sorted(p_values)
     holm = {smaller: min(1, 2 * smaller), larger: max(min(1, 2 * smaller), larger)}
     for row in rows[1:3]:
-        assert row.metrics["mAP"].p_holm == pytest.approx(holm[row.metrics["mAP"].p])
-        assert row.metrics["mAP"].significant == (holm[row.metrics["mAP"].p] < 0.05)
-    assert rows[1].metrics["mAP"].significant  # sgsl: +5.7 points, std ~1
-    assert not rows[2].metrics["mAP"].significant  # adaptive_l2: +0.3 points
-    # mINP is stored as mAP / 2 in these runs
-    assert rows[1].metrics["mINP"].summary.mean == pytest.approx(np.mean([75, 76, 78]) / 2)
-    # dukemtmc: one baseline seed, no test
-    assert rows[4].metrics["mAP"].p is None and rows[4].metrics["mAP"].significant is None
+        comparison = row.metrics["mAP"]
+        assert comparison.p_holm == pytest.approx(holm[comparison.difference.p])
+        assert comparison.significant == (holm[comparison.difference.p] < 0.05)
+    # Only one sign-flip p in its family: Holm leaves it as it is.
+    assert rows[1].metrics["mAP"].p_sign_flip_holm == rows[1].metrics["mAP"].difference.p_sign_flip
+    assert rows[1].metrics["mAP"].significant  # sgsl: +1 point on every seed
+    assert not rows[2].metrics["mAP"].significant  # adaptive_l2: +0.17 points
+    # Secondary metrics: tested, never corrected nor starred (mINP is stored as mAP / 2 in these runs).
+    minp = rows[1].metrics["mINP"]
+    assert minp.summary.mean == pytest.approx(np.mean(values[("sgsl", "market1501")]) * 50)
+    assert minp.difference.p == pytest.approx(
+        scipy_stats.ttest_rel([50 * v for v in values[("sgsl", "market1501")]], [50 * v for v in BASE]).pvalue
+    )
+    assert minp.p_holm is None and minp.significant is None
+    # dukemtmc: one shared seed is no pairing; Welch has one baseline seed: no test.
+    duke = rows[4].metrics["mAP"]
+    assert duke.difference.test == WELCH and duke.difference.p is None and duke.significant is None
+    assert "sgsl vs none on dukemtmc: fewer than 2 shared seeds, so the unpaired Welch test" in " ".join(
+        notes
+    )
+
     table = markdown_table(rows)
-    assert "| sgsl | market1501 | 3 | 76.33 ± 1.53 | +5.33* |" in table
-    assert "| none | dukemtmc | 1 | 58.00 | baseline |" in table
-    assert "| sgsl | dukemtmc | 2 | 60.50 ± 0.71 | +2.50 | n/a |" in table
+    sgsl, adaptive = rows[1].metrics["mAP"], rows[2].metrics["mAP"]
+    # The star and the p shown are the same (Holm) p; the interval, the baseline and the pairs are shown.
+    assert (
+        f"| sgsl | market1501 | 7/7 | {sgsl.summary.mean:.2f} ± {sgsl.summary.std:.2f} | +0.99* "
+        f"[{sgsl.difference.low:+.2f}, "
+        f"{sgsl.difference.high:+.2f}] | none: 7 pairs | {sgsl.p_holm:.3g} | {sgsl.p_sign_flip_holm:.3g} |"
+    ) in table
+    assert "| adaptive_l2 | market1501 | 3/3 | 70.40 ± 0.62 | +0.17 [-0.46, +0.79] |" in table
+    assert f"| none: 3 pairs | {adaptive.p_holm:.3g} | n/a (n<6) |" in table
+    assert "| none | dukemtmc | 1/1 | 58.00 | baseline |" in table
+    assert (
+        "| sgsl | dukemtmc | 2/2 | 60.50 ± 0.71 | +2.50 | none: unpaired (Welch) | n/a (<2 seeds on a side) |"
+        in table
+    )
+    # Secondary table: raw p, no star.
+    secondary = table.split("### Secondary metrics")[1].split("### Cost")[0]
+    assert "*" not in secondary.replace("(not corrected, never starred)", "")
+
+
+def test_repeated_and_unmatched_seeds_are_named_and_never_counted_twice(tmp_path):
+    base = {0: 0.70, 1: 0.71, 2: 0.72, 3: 0.69, 4: 0.70}
+    mine = [(0, 0.73), (0, 0.75), (0, 0.77), (1, 0.72), (2, 0.74), (3, 0.71), (7, 0.90)]  # seed 0 thrice
+    specs = [{"regularizer": "none", "seed": s, "mAP": v} for s, v in base.items()]
+    specs += [{"regularizer": "sgsl", "seed": s, "mAP": v} for s, v in mine]
+    runs = _gathered(tmp_path, specs)
+    rows, notes = build_rows(runs, method_labels(runs))
+    sgsl = rows[1].metrics["mAP"]
+    # One value per seed: seed 0's three runs are averaged into one (75.00).
+    assert sgsl.values == pytest.approx({"0": 75.0, "1": 72.0, "2": 74.0, "3": 71.0, "7": 90.0})
+    assert sgsl.summary.n == 5 and sgsl.summary.mean == pytest.approx(np.mean([75, 72, 74, 71, 90]))
+    # Paired on the seeds both have once: 1, 2, 3 (seed 0 repeated, 7 and 4 without a partner).
+    assert sgsl.difference.pairs == 3
+    assert sgsl.difference.p == pytest.approx(scipy_stats.ttest_rel([72, 74, 71], [71, 72, 69]).pvalue)
+    assert notes[:2] == [
+        "sgsl on synthetic: seed(s) 0 run more than once: each averaged into one value (counted once) and "
+        "left out of the pairing",
+        "sgsl vs none on synthetic: seed(s) 7 (sgsl only), 0 (none only), 4 (none only) have no partner, "
+        "left out of the pairing",
+    ]
+    assert notes[2].startswith("synthetic: 6 run(s) have no test_per_query.npz")  # made by hand: no bootstrap
+    assert notes[2].endswith(" and 1 more")  # the first 5 named
+    assert rows[1].outcomes() == "7/7"
+    untested = make_run(tmp_path / "untested", regularizer="sgsl", seed=8, mAP=None)  # its test file lost
+    (untested / "run.json").write_text(json.dumps({"status": "finished"}))
+    runs = gather([tmp_path]).runs
+    rows, _ = build_rows(runs, method_labels(runs))
+    assert rows[1].outcomes() == "7/8: 1 no test metrics"  # trained to the end, but no test metrics
+
+
+def test_without_shared_seeds_the_comparison_is_welch_and_says_so(tmp_path):
+    base, mine = [0.70, 0.71, 0.69], [0.74, 0.72, 0.75]
+    specs = [{"regularizer": "none", "seed": s, "mAP": v} for s, v in enumerate(base)]
+    specs += [{"regularizer": "sgsl", "seed": 10 + s, "mAP": v} for s, v in enumerate(mine)]
+    runs = _gathered(tmp_path, specs)
+    rows, notes = build_rows(runs, method_labels(runs))
+    difference = rows[1].metrics["mAP"].difference
+    a, b = [100 * v for v in mine], [100 * v for v in base]
+    assert difference.test == WELCH and difference.pairs == 0
+    assert difference.p == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert rows[1].metrics["mAP"].p_holm == pytest.approx(difference.p)  # alone in its family
+    assert "sgsl vs none on synthetic: fewer than 2 shared seeds, so the unpaired Welch test" in notes[1]
+    table = markdown_table(rows)
+    assert f"| none: unpaired (Welch) | {difference.p:.3g} | n/a (unpaired) | n/a (unpaired) |" in table
+
+
+def test_rows_differing_only_in_a_numeric_regularizer_option_are_a_search(tmp_path):
+    specs = [{"regularizer": "none", "seed": s} for s in (0, 1)]
+    specs += [
+        {"regularizer": "constant_l2", "seed": s, "config": {"regularizer.constant_l2.lam": lam}}
+        for lam in (0.001, 0.01)
+        for s in (0, 1)
+    ]
+    runs = _gathered(tmp_path / "grid", specs)
+    rows, notes = build_rows(runs, method_labels(runs))
+    assert [(row.method, row.search) for row in rows] == [
+        ("none", []),
+        ("constant_l2 constant_l2.lam=0.001", ["constant_l2.lam"]),
+        ("constant_l2 constant_l2.lam=0.01", ["constant_l2.lam"]),
+    ]
+    assert (
+        "synthetic: the 2 constant_l2 rows are a search over constant_l2.lam: the best of them by its test "
+        "score overstates it" in " ".join(notes)
+    )
+    assert "| constant_l2 constant_l2.lam=0.01 (search) | synthetic | 2/2 |" in markdown_table(rows)
+    # Rows of one regularizer that differ in another setting are methods, not a search.
+    other = [
+        {"regularizer": "sgsl", "seed": 0, "config": {"trainer.max_epochs": epochs}} for epochs in (60, 120)
+    ]
+    runs = _gathered(tmp_path / "epochs", other)
+    rows, notes = build_rows(runs, method_labels(runs))
+    assert all(not row.search for row in rows) and not any("search" in note for note in notes)
 
 
 def test_requested_baseline_and_missing_baseline(tmp_path):
@@ -329,12 +517,12 @@ def test_requested_baseline_and_missing_baseline(tmp_path):
         tmp_path, [{"regularizer": "sgsl", "mAP": 0.6}, {"regularizer": "adaptive_l2", "mAP": 0.5}]
     )
     rows, notes = build_rows(runs, method_labels(runs))
-    assert all(row.metrics["mAP"].delta is None for row in rows)
+    assert all(row.metrics["mAP"].difference is None for row in rows)
     assert notes == [
-        "synthetic: no baseline (a method without regularizer has no run on it), so no differences are shown"
+        "synthetic: no baseline (a method without regularizer has no finished run on it), so no differences"
     ]
     rows, _ = build_rows(runs, method_labels(runs), baseline="adaptive_l2")
-    assert rows[0].method == "adaptive_l2" and rows[1].metrics["mAP"].delta == pytest.approx(10.0)
+    assert rows[0].method == "adaptive_l2" and rows[1].metrics["mAP"].difference.delta == pytest.approx(10.0)
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -469,7 +657,7 @@ def test_runs_in_different_precisions_are_reported_with_a_warning_naming_the_fie
     assert text.index("Warning: the runs compared differ") < text.index("| method |")  # above the table
     shared = text.split("Shared by every run compared that has a run.json: ")[1].split("\n")[0]
     assert f"torch {provenance['versions']['torch']}" in shared and "precision 32-true" not in shared
-    assert "| none | synthetic | 2 | 59.55 ± 0.59 | baseline |" in text  # still reported, with the warning
+    assert "| none | synthetic | 2/2 | 59.55 ± 0.59 | baseline |" in text  # still reported, with the warning
 
     # The same environment: no warning.
     write_run_json(b, provenance)
@@ -506,7 +694,7 @@ def test_fields_that_split_the_runs_alike_share_one_warning(tmp_path, provenance
     assert "market1501: runs differ" not in text
 
 
-def test_speed_and_memory_columns_with_the_ratio_to_the_baseline(tmp_path, provenance):
+def test_cost_columns_show_their_spread_and_flag_a_run_slowed_down(tmp_path, provenance):
     specs = [  # regularizer, seed, img/s, peak MiB
         ("none", 0, 100.0, 500.0),
         ("none", 1, 110.0, 510.0),
@@ -514,39 +702,64 @@ def test_speed_and_memory_columns_with_the_ratio_to_the_baseline(tmp_path, prove
         ("adversarial", 0, 64.0, 700.0),
         ("adversarial", 1, 66.0, 720.0),
         ("adversarial", 2, 65.0, 710.0),
+        ("adversarial", 3, 30.0, 705.0),  # slowed by background load: 30 < 64.5 / 1.5
     ]
     adversarial = {"regularizer.adversarial": {"_target_": "reidreg.regularizers.adversarial.Adversarial"}}
     for index, (regularizer, seed, speed, memory) in enumerate(specs):
         config = adversarial if regularizer == "adversarial" else {}
         run = make_run(tmp_path / str(index), seed=seed, job_num=index, config=config)
         write_run_json(run, provenance, img_per_s=speed, peak_memory_mib=memory)
-    make_run(tmp_path / "6", regularizer="sgsl", job_num=6)  # made before run.json: cost unknown
+    make_run(tmp_path / "7", regularizer="sgsl", job_num=7)  # made before run.json: cost unknown
     text, _ = report([tmp_path], plots=False)
-    header = next(line for line in text.splitlines() if line.startswith("| method |"))
-    assert header.endswith("| p | img/s | img/s ÷ base | peak MiB |")
-    assert "| none | synthetic | 3 | 50.00 ± 0.00 | baseline |" in text
-    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
-    assert rows["none"].endswith("| 100.0 | baseline | 510 |")  # median img/s; largest peak memory
-    assert rows["adversarial"].endswith("| 65.0 | 0.65 | 720 |")
-    assert rows["sgsl"].endswith("| n/a | n/a | n/a |")
-    assert "1 of the 7 runs in the table have no run.json" in text and f"`{tmp_path / '6'}`" in text
+    cost = text.split("### Cost")[1].split("\n\n")[1]
+    assert cost.splitlines()[0] == (
+        "| method | dataset | img/s median (min–max) | img/s ÷ base | peak MiB max (min–max) | flag |"
+    )
+    rows = {line.split(" | ")[0][2:]: line for line in cost.splitlines()[2:]}
+    assert rows["none"] == "| none | synthetic | 100.0 (90.0–110.0) | baseline | 510 (500–510) |  |"
+    assert rows["adversarial"] == (
+        "| adversarial | synthetic | 64.5 (30.0–66.0) | 0.65 | 720 (700–720) "
+        "| 1 run(s) > 1.5× off the median img/s |"
+    )
+    assert rows["sgsl"] == "| sgsl | synthetic | n/a | n/a | n/a |  |"
+    assert (
+        f"adversarial on synthetic: throughput of `{tmp_path / '6'}` (30.0 img/s) is more than 1.5× off the "
+        "method's median (64.5 img/s)"
+    ) in text
+    assert "flag: runs whose throughput is more than 1.5× above or below their method's median" in text
+    assert "1 of the 8 runs in the table have no run.json" in text and f"`{tmp_path / '7'}`" in text
     with (tmp_path / "report.csv").open() as file:
         csv_rows = {row["method"]: row for row in csv.DictReader(file)}
     adversarial = csv_rows["adversarial"]
-    assert float(adversarial["train_img_per_s_median"]) == pytest.approx(65.0)
-    assert float(adversarial["train_img_per_s_ratio"]) == pytest.approx(0.65)
-    assert adversarial["train_img_per_s_values"] == "64.00;66.00;65.00"
-    assert float(adversarial["train_ms_per_step_median"]) == pytest.approx(64000 / 65)
+    assert float(adversarial["train_img_per_s_median"]) == pytest.approx(64.5)
+    assert float(adversarial["train_img_per_s_ratio"]) == pytest.approx(0.645)
+    assert adversarial["train_img_per_s_values"] == "64.00;66.00;65.00;30.00"
+    assert adversarial["train_img_per_s_outliers"] == str(tmp_path / "6")
+    assert float(adversarial["train_ms_per_step_median"]) == pytest.approx(
+        np.median([64000 / v for v in (64, 66, 65, 30)])
+    )
     assert float(adversarial["peak_memory_mib_max"]) == pytest.approx(720.0)
     assert float(csv_rows["none"]["train_img_per_s_ratio"]) == pytest.approx(1.0)
+    assert csv_rows["none"]["train_img_per_s_outliers"] == ""
     assert csv_rows["sgsl"]["train_img_per_s_median"] == "" and csv_rows["sgsl"]["peak_memory_mib_max"] == ""
+
+
+def test_two_seeds_far_apart_in_throughput_are_both_flagged():
+    """With two runs the median is their middle: neither can be trusted, both are named."""
+    runs = [
+        Run(Path(f"/r{i}"), {"seed": i}, {}, info={"performance": {"train_img_per_s": v}})
+        for i, v in enumerate((60.6, 229.7))
+    ]
+    assert [value for _, value in Cost.of(runs).outliers] == [60.6, 229.7]
+    close = [Run(Path("/a"), {}, {}, info={"performance": {"train_img_per_s": v}}) for v in (100.0, 140.0)]
+    assert Cost.of(close).outliers == []
 
 
 def test_diverged_failed_and_interrupted_runs_are_listed_and_never_averaged(tmp_path, provenance):
     ok = make_run(tmp_path / "0", seed=0, mAP=0.50)
     write_run_json(ok, provenance)
     # Diverged and failed runs that still left a normal-looking test_metrics.json behind.
-    diverged = make_run(tmp_path / "1", seed=1, mAP=0.01, config={"optim.optimizer.lr": 1e6})
+    diverged = make_run(tmp_path / "1", seed=1, mAP=0.01)
     write_run_json(diverged, provenance, status="diverged", reason="train/loss is nan at step 3 (epoch 0)")
     failed = make_run(tmp_path / "2", seed=2, mAP=0.90)
     write_run_json(
@@ -577,9 +790,13 @@ def test_diverged_failed_and_interrupted_runs_are_listed_and_never_averaged(tmp_
         None,
     ]
     text, _ = report([tmp_path], plots=False)
-    assert "| none | synthetic | 1 | 50.00 | baseline |" in text  # only the finished run is averaged
+    # Every run is counted in its method's row, by outcome; only the finished one is averaged.
+    assert (
+        "| none | synthetic | 1/7: 1 diverged, 1 failed, 1 interrupted, 1 running, 1 unreadable, "
+        "1 no test metrics | 50.00 | baseline |"
+    ) in text
     assert "Warning" not in text
-    section = text.split("## Unfinished or failed runs (6), not in the table and never averaged")[1]
+    section = text.split("## Unfinished or failed runs (6), counted in the table, never averaged")[1]
     assert section.startswith(
         " (1 diverged, 1 failed, 1 interrupted, 1 running, 1 unreadable, 1 status unknown)"
     )
@@ -602,7 +819,9 @@ def test_diverged_failed_and_interrupted_runs_are_listed_and_never_averaged(tmp_
     ) in section
     with (tmp_path / "report.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert [(row["method"], row["n"], row["mAP_values"]) for row in rows] == [("none", "1", "50.0000")]
+    assert [
+        (row["method"], row["n"], row["finished"], row["launched"], row["mAP_values"]) for row in rows
+    ] == [("none", "1", "1", "7", "50.0000")]
 
 
 def test_report_cli_warns_about_precision(tmp_path, provenance):
@@ -623,3 +842,59 @@ def test_report_cli_warns_about_precision(tmp_path, provenance):
     assert result.returncode == 0, result.stderr
     line = "- synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); 16-mixed (1 run: `b`"
     assert line in result.stdout and line in (tmp_path / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ real runs
+def test_a_study_of_real_tiny_runs_with_one_diverging(tmp_path, tiny_config):
+    """2 methods × 2 seeds trained and tested for real, and a third method whose only run diverges."""
+    from reidreg.errors import ReIDRegError
+    from reidreg.per_query import PerQuery
+    from reidreg.train import train
+
+    study = tmp_path / "study"
+    jobs = [("none", 0), ("none", 1), ("sgsl", 0), ("sgsl", 1)]
+    for index, (regularizer, seed) in enumerate(jobs):
+        train(
+            tiny_config(
+                "trainer.max_epochs=1",
+                f"regularizer={regularizer}",
+                f"seed={seed}",
+                f"paths.output_dir={study / str(index)}",
+            )
+        )
+    with pytest.raises(ReIDRegError, match="diverged"):
+        train(
+            tiny_config(
+                "trainer.max_epochs=1",
+                "optim.optimizer.lr=1e6",
+                "optim.schedule.warmup_epochs=0",
+                f"paths.output_dir={study / '4'}",
+            )
+        )
+    text, _ = report([study], plots=False, samples=500)
+    with (study / "report.csv").open() as file:
+        rows = {
+            row["method"].split(" ")[0] + ("*" if "lr=1000000" in row["method"] else ""): row
+            for row in csv.DictReader(file)
+        }
+    # The diverged run keeps its own row (another learning rate: another experiment), counted, not averaged.
+    diverged = rows["none*"]
+    assert (diverged["finished"], diverged["launched"], diverged["n"]) == ("0", "1", "0")
+    assert "| 0/1: 1 diverged | — (no finished run) |" in text
+    # The paired comparison equals scipy on the runs' own test metrics, seed by seed.
+    metrics = {
+        job: json.loads((study / str(i) / "test_metrics.json").read_text()) for i, job in enumerate(jobs)
+    }
+    base = [100 * metrics[("none", s)]["test/mAP"] for s in (0, 1)]
+    mine = [100 * metrics[("sgsl", s)]["test/mAP"] for s in (0, 1)]
+    sgsl = rows["sgsl"]
+    assert sgsl["mAP_test"] == "paired t" and sgsl["mAP_pairs"] == "2"
+    assert float(sgsl["mAP_delta"]) == pytest.approx(np.mean(np.subtract(mine, base)))
+    if np.ptp(np.subtract(mine, base)) > 0:
+        assert float(sgsl["mAP_p"]) == pytest.approx(scipy_stats.ttest_rel(mine, base).pvalue)
+    # The bootstrap read every run's per-query file, whose mean AP is the run's mAP exactly.
+    for index in range(4):
+        per_query = PerQuery.load(study / str(index) / "test_per_query.npz")
+        assert per_query.mean_ap() == metrics[jobs[index]]["test/mAP"]
+    assert float(sgsl["mAP_bootstrap_low"]) <= float(sgsl["mAP_bootstrap_high"])
+    assert 0.0 <= float(sgsl["mAP_p_improvement"]) <= 1.0

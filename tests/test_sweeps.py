@@ -186,9 +186,8 @@ def fixed_overrides(sweep: dict[str, Any]) -> list[str]:
 def test_wandb_sweep_is_well_formed_and_names_existing_parameters(name, monkeypatch):
     sweep = wandb_file(name)
     assert sweep["method"] in {"grid", "random", "bayes"}
-    # Searches select on the validation hold-out; grids only display a metric.
-    selected = "val/best_mAP" if sweep["method"] == "bayes" else "test/mAP"
-    assert sweep["metric"] == {"name": selected, "goal": "maximize"}
+    # Searches select on, and grids display, the validation hold-out's score: never the test set's.
+    assert sweep["metric"] == {"name": "val/best_mAP", "goal": "maximize"}
     assert sweep["program"]  # the agent needs it even when the command does not run it
     assert sweep["command"][:4] == ["${env}", "${interpreter}", "-m", "reidreg.train"]
     assert sweep["command"][-1] == "${args_no_hyphens}"  # key=value, as Hydra reads them
@@ -311,10 +310,13 @@ def test_tiny_study_report_matches_the_runs_own_metrics(tiny_study):
     base = [seed["mAP"] for seed in saved["none"]]
     mine = [seed["mAP"] for seed in saved["adaptive_l2"]]
     assert float(rows[1]["mAP_delta"]) == pytest.approx(np.mean(mine) - np.mean(base))
-    if np.ptp(mine) == 0 and np.ptp(base) == 0:  # identical values on both sides: no test
+    # Seeds 0 and 1 on both sides: a paired comparison, with the bootstrap of the runs' per-query results.
+    assert rows[1]["mAP_test"] == "paired t" and rows[1]["mAP_pairs"] == "2"
+    if np.ptp(np.subtract(mine, base)) == 0:  # both seeds moved by the same amount: no test
         assert rows[1]["mAP_p"] == ""
     else:
-        assert float(rows[1]["mAP_p"]) == pytest.approx(stats.ttest_ind(mine, base, equal_var=False).pvalue)
+        assert float(rows[1]["mAP_p"]) == pytest.approx(stats.ttest_rel(mine, base).pvalue)
+    assert float(rows[1]["mAP_bootstrap_low"]) <= float(rows[1]["mAP_bootstrap_high"])
     assert "Unfinished" not in text and "Missing" not in text
     assert {path.name for path in written} >= {"report.md", "report.csv", "map.png"}
     assert (tiny_study / "lambda_median_adaptive_l2_synthetic.png").is_file()
@@ -353,7 +355,7 @@ def test_submitit_local_launcher_runs_a_study_job(tmp_path_factory, tmp_path):
     assert (sweep_dir / ".submitit").is_dir()
     metrics = json.loads((sweep_dir / "0" / "test_metrics.json").read_text())
     text, _ = report([sweep_dir], plots=False)
-    assert f"| none | synthetic | 1 | {100 * metrics['test/mAP']:.2f} | baseline |" in text
+    assert f"| none | synthetic | 1/1 | {100 * metrics['test/mAP']:.2f} | baseline |" in text
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from reidreg.evaluation.robustness import evaluate_robustness
 from reidreg.evaluation.visualize import save_ranked_lists
 from reidreg.models import ReIDModel
 from reidreg.models.checkpoint import build_model, load_checkpoint, resolve_device
+from reidreg.run_dir import RunDir
 from reidreg.training.module import REPORTED_METRICS
 from reidreg.utils.cli import print_metrics_table
 
@@ -62,7 +63,8 @@ def extract(
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path``; writes ``eval_metrics.json`` (and images) into the run directory."""
+    """Evaluate ``cfg.ckpt_path``; writes ``eval_metrics.json``, every query's result (``test_per_query.npz``)
+    and images into the run directory."""
     run_config, weights = load_checkpoint(cfg.ckpt_path)
     device = resolve_device(cfg.device)
     model = build_model(run_config, weights).to(device)
@@ -88,9 +90,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "rerank": bool(cfg.rerank),
         **{f"test/{key}": float(metrics[key]) for key in ("mAP", "mINP")},
         **{f"test/R{k}": float(metrics["cmc"][k - 1]) for k in (1, 5, 10)},
+        "num_valid_queries": metrics["num_valid_queries"],
+        "num_queries": metrics["num_queries"],
     }
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    metrics["per_query"].save(RunDir(output_dir).per_query)
     print_metrics_table(f"{results['trained_on']} → {dataset.name}", results, REPORTED_METRICS)
 
     if cfg.ranked_list.num_queries:

@@ -7,6 +7,10 @@ any order and mix). States are lists concatenated across DDP ranks (``dist_reduc
 :func:`reidreg.evaluation.evaluate` on everything: the loading order and the DDP sharding never change a
 result, not even how ties are ranked.
 
+``compute`` also returns every query's result (``"per_query"``, a
+:class:`~reidreg.per_query.PerQuery`) and keeps its whole result as ``last_result``, which
+``reset`` leaves alone, so that a test loop's per-query results can be saved after it ends.
+
 DDP: every sample must be seen by exactly one rank. A ``DistributedSampler`` pads the dataset with
 repeated samples to equalise ranks; those duplicates would be counted twice (a duplicated gallery item is
 an extra match). Shard the evaluation set without padding (our validation loader uses no
@@ -25,7 +29,10 @@ REPORTED_RANKS = (1, 5, 10)
 
 
 class ReIDMetric(Metric):
-    """Accumulates query/gallery embeddings; ``compute`` returns evaluate()'s dict plus "R1", "R5", "R10"."""
+    """Accumulates query/gallery embeddings; ``compute`` returns evaluate()'s dict plus "R1", "R5", "R10".
+
+    ``last_result``: the latest ``compute()`` result (None before the first), kept across ``reset()``.
+    """
 
     is_differentiable = False
     higher_is_better = True
@@ -49,6 +56,7 @@ class ReIDMetric(Metric):
         self.rerank_params = {"rerank_k1": rerank_k1, "rerank_k2": rerank_k2, "rerank_lambda": rerank_lambda}
         for name in ("feats", "pids", "camids", "is_query", "positions"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.last_result: dict | None = None
 
     def update(
         self,
@@ -103,4 +111,5 @@ class ReIDMetric(Metric):
         )
         cmc: np.ndarray = result["cmc"]
         result.update({f"R{rank}": float(cmc[rank - 1]) for rank in REPORTED_RANKS if rank <= len(cmc)})
+        self.last_result = result
         return result

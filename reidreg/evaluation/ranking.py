@@ -1,10 +1,11 @@
 """Exact ReID ranking metrics (CMC, mAP, mINP) from a query x gallery distance matrix, without sorting.
 
-Protocol (Market-1501 standard, METHODS.md section 1): for each query the gallery is ranked by ascending
-distance; gallery items with the query's pid *and* camera are dropped; a query with no true match left is
-skipped (excluded from every average). CMC@k is the share of valid queries whose first match is within the
-top k; AP is the mean over the true matches of the precision at each match's rank (non-interpolated); mINP
-is (number of matches) / (1-based rank of the last match), averaged over valid queries.
+Protocol (the Market-1501 standard; docs/protocol.md, section Evaluation): for each query the gallery is
+ranked by ascending distance; gallery items with the query's pid *and* camera are dropped; a query with no
+true match left is skipped (excluded from every average). CMC@k is the share of valid queries whose first
+match is within the top k; AP is the mean over the true matches of the precision at each match's rank
+(non-interpolated); mINP is (number of matches) / (1-based rank of the last match), averaged over valid
+queries. Every query's own AP, INP and first-match rank are kept too (``reidreg.per_query``).
 
 Ties: the ranking is the one a *stable* sort by distance gives, i.e. equal distances are ordered by gallery
 index, lower index first (``np.argsort(row, kind="stable")``). Deterministic and independent of chunking.
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from reidreg.per_query import PerQuery
 
 # Query rows per work item: large enough to amortise Python overhead, small enough to stay in cache.
 BLOCK_ROWS = 32
@@ -196,8 +199,11 @@ class _RowCounter:
 
 @dataclass
 class _BlockStats:
-    """Per-query results of one block of valid queries."""
+    """Per-query results of one block of queries (NaN, NaN, 0 for a query without a true match)."""
 
+    pid: np.ndarray
+    camid: np.ndarray
+    valid: np.ndarray
     average_precision: np.ndarray
     inverse_negative_penalty: np.ndarray
     first_match_rank: np.ndarray
@@ -240,24 +246,37 @@ class RankAccumulator:
 
     def result(self) -> dict:
         """The metrics dict; raises ValueError if no query had a true match in another camera."""
-        num_valid = sum(block.first_match_rank.size for block in self._blocks)
+
+        def column(name: str) -> np.ndarray:
+            return np.concatenate([getattr(block, name) for block in self._blocks])
+
+        valid = column("valid") if self._blocks else np.zeros(0, bool)
+        num_valid = int(valid.sum())
         if num_valid == 0:
             raise ValueError(
                 "no query has a true match in another camera (gallery items with the query's pid and "
                 "camera are excluded), so CMC, mAP and mINP are undefined"
             )
-        first_rank = np.concatenate([block.first_match_rank for block in self._blocks])
+        per_query = PerQuery(
+            query_index=np.arange(valid.size),
+            pid=column("pid"),
+            camid=column("camid"),
+            valid=valid,
+            ap=column("average_precision"),
+            inp=column("inverse_negative_penalty"),
+            first_match_rank=column("first_match_rank"),
+        )
         # Ranks beyond max_rank are pooled in the last bin, which CMC ignores.
         first_rank_counts = np.bincount(
-            np.minimum(first_rank, self.max_rank + 1), minlength=self.max_rank + 2
+            np.minimum(per_query.first_match_rank[valid], self.max_rank + 1), minlength=self.max_rank + 2
         )
-        average_precision = np.concatenate([block.average_precision for block in self._blocks])
-        inverse_negative_penalty = np.concatenate([block.inverse_negative_penalty for block in self._blocks])
         return {
-            "mAP": float(average_precision.mean()),
-            "mINP": float(inverse_negative_penalty.mean()),
+            "mAP": per_query.mean_ap(),
+            "mINP": float(per_query.inp[valid].mean()),
             "cmc": np.cumsum(first_rank_counts[1 : self.max_rank + 1]) / num_valid,
             "num_valid_queries": num_valid,
+            "num_queries": per_query.num_queries,
+            "per_query": per_query,
         }
 
     def _score_block(self, dist: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray) -> _BlockStats:
@@ -272,13 +291,18 @@ class RankAccumulator:
                 before = counter.count_before(dist[row], matches.distance[row, :count], index)
                 ranks[row, :count] += before - matches.removed_before[row, :count]
         valid = matches.count > 0
-        ranks, count = ranks[valid], matches.count[valid]
+        count = np.maximum(matches.count, 1)  # a query without match gets NaN below, never 0/0
         match_order = np.arange(1, ranks.shape[1] + 1)
-        precision = np.where(match_order <= count[:, None], match_order / ranks, 0.0)
+        precision = np.where(match_order <= matches.count[:, None], match_order / ranks, 0.0)
+        last_rank = np.take_along_axis(ranks, (count - 1)[:, None], 1).ravel() if ranks.size else count
+        first_rank = ranks[:, 0] if ranks.size else np.zeros(count.size, np.intp)
         return _BlockStats(
-            average_precision=precision.sum(1) / count,
-            inverse_negative_penalty=count / ranks[np.arange(count.size), count - 1],
-            first_match_rank=ranks[:, :1].ravel(),  # (0, 0) when no query of the block is valid
+            pid=q_pids,
+            camid=q_camids,
+            valid=valid,
+            average_precision=np.where(valid, precision.sum(1) / count, np.nan),
+            inverse_negative_penalty=np.where(valid, count / last_rank, np.nan),
+            first_match_rank=np.where(valid, first_rank, 0),
         )
 
 
@@ -293,8 +317,9 @@ def rank_metrics(
     """CMC, mAP and mINP of a (num_query, num_gallery) distance matrix under the ReID protocol.
 
     Accepts numpy arrays or torch tensors (any device; row blocks are copied to CPU as needed). Returns
-    ``{"mAP": float, "mINP": float, "cmc": np.ndarray (max_rank,), "num_valid_queries": int}``; ``cmc[k-1]``
-    is CMC@k and stays at its last value beyond the gallery size. Equal distances are ranked by gallery
+    ``{"mAP": float, "mINP": float, "cmc": np.ndarray (max_rank,), "num_valid_queries": int, "num_queries":
+    int, "per_query": PerQuery}``; ``cmc[k-1]`` is CMC@k and stays at its last value beyond the gallery
+    size. Equal distances are ranked by gallery
     index (lower first). Raises ValueError on bad shapes, NaN distances, or when no query has a true match
     in another camera.
     """

@@ -35,12 +35,13 @@ def map_figure(rows: list[Row], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * len(datasets) ** 0.5 + 2), 4.5))
     for index, dataset in enumerate(datasets):
         offset = (index - (len(datasets) - 1) / 2) * width
-        for row in (row for row in rows if row.dataset == dataset):
+        for row in (row for row in rows if row.dataset == dataset and row.runs):
             x = methods.index(row.method) + offset
             summary = row.metrics["mAP"].summary
             error = None if summary.n < 2 else summary.std
             axis.bar(x, summary.mean, width, yerr=error, capsize=3, color=f"C{index}", alpha=0.75)
-            axis.scatter(np.full(summary.n, x), row.metrics["mAP"].values, color="black", s=8, zorder=3)
+            seeds = list(row.metrics["mAP"].values.values())
+            axis.scatter(np.full(summary.n, x), seeds, color="black", s=8, zorder=3)
         axis.bar(0, 0, 0, color=f"C{index}", label=dataset)  # legend entry only
     axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
     axis.set(ylabel="test mAP (%)", title="test mAP: mean ± std over seeds (dots: seeds)")

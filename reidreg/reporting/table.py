@@ -1,11 +1,20 @@
-"""The comparison table: one row per method × dataset, its test metrics over seeds and its difference
-to the baseline of the same dataset, with the test of ``reidreg.reporting.stats``, and its cost; as
-Markdown and CSV.
+"""The comparison tables: one row per method × dataset, with every run launched for it, its test metrics
+over seeds, its difference to the baseline of the same dataset (``reidreg.reporting.stats``, and the
+per-query bootstrap of ``reidreg.reporting.bootstrap``) and its cost; as Markdown and CSV.
 
-Cost, from each run's ``run.json`` ``performance`` (runs without it are left out of these figures): the
-median training throughput over seeds (images per second) and its ratio to the baseline's median (below 1:
-slower than the baseline), the median time per training step, and the largest peak memory of the seeds
-(MiB; what a run of the method needs).
+- Outcomes: each row counts the runs launched for it and how they ended; only finished runs are averaged.
+  A method whose runs all failed keeps its row.
+- Seeds: a seed's value is its run's score; a seed run more than once is averaged into one value (never
+  counted twice) and left out of the pairing, and seeds only one side has are left out too; both are
+  named in the notes. With at least 2 shared seeds the comparison is paired, else Welch's unpaired test.
+- Primary metric: mAP. Its p values are Holm-corrected over the methods compared with one baseline
+  (per dataset), and a star marks Holm p < α. R1 and mINP are secondary: raw p, never starred.
+- Searches: rows that differ only in a numeric option of the same regularizer (a λ grid) are marked as
+  a search; picking the best of them by its test score overstates it.
+- Cost, from each run's ``run.json`` ``performance`` (runs without it are left out of these figures): the
+  median training throughput over seeds (images per second) with its range, its ratio to the baseline's
+  median, and the peak memory (largest, with its range). A run whose throughput is more than
+  ``THROUGHPUT_FACTOR`` times above or below its method's median is flagged (e.g. a machine under load).
 
 The baseline is ``--baseline`` if given, else the method ``none``, else the first method trained without
 a regularizer (in a study of presets: the first preset, e.g. ``table3_1_minimal/none``).
@@ -13,28 +22,42 @@ a regularizer (in a study of presets: the first preset, e.g. ``table3_1_minimal/
 
 from __future__ import annotations
 
-import csv
+import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from reidreg.reporting.gather import Run
-from reidreg.reporting.stats import Summary, holm_adjust, summarize, welch_p_value
+from reidreg.per_query import PerQuery
+from reidreg.reporting.bootstrap import DEFAULT_SAMPLES, BootstrapResult, DatasetBootstrap
+from reidreg.reporting.gather import FINISHED, Run
+from reidreg.reporting.methods import settings
+from reidreg.reporting.stats import (
+    Difference,
+    Summary,
+    holm_adjust,
+    paired_difference,
+    summarize,
+    welch_difference,
+)
+from reidreg.run_dir import RunDir
 
 METRICS = ("mAP", "R1", "mINP")  # shown; test_metrics.json also has R5 and R10
+PRIMARY = "mAP"
+THROUGHPUT_FACTOR = 1.5
 
 
 @dataclass
 class MetricComparison:
-    summary: Summary  # in %
-    values: list[float]  # per run, in %
-    delta: float | None = None  # mean − baseline mean, in points; None without a baseline
-    p: float | None = None  # Welch's two-sided p-value; None when there is no test
-    p_holm: float | None = None
-    significant: bool | None = None
+    summary: Summary  # over seeds, in %
+    values: dict[str, float]  # per seed (repeats averaged), in %
+    difference: Difference | None = None  # None without a baseline (or for the baseline itself)
+    p_holm: float | None = None  # primary metric only
+    p_sign_flip_holm: float | None = None
+    significant: bool | None = None  # primary metric only: Holm p < α
+    bootstrap: BootstrapResult | None = None  # primary metric, paired comparisons only
+    why_no_bootstrap: str | None = None
 
 
 @dataclass
@@ -47,22 +70,29 @@ class Cost:
     img_per_s_values: list[float] = field(default_factory=list)  # per run that recorded it
     peak_memory_values: list[float] = field(default_factory=list)
     img_per_s_ratio: float | None = None  # median img/s ÷ the baseline's median img/s
+    outliers: list[tuple[Run, float]] = field(default_factory=list)  # throughput off the median
 
     @classmethod
     def of(cls, runs: list[Run]) -> Cost:
-        def recorded(key: str) -> list[float]:
-            values = [run.performance.get(key) for run in runs]
-            return [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+        def recorded(key: str) -> list[tuple[Run, float]]:
+            values = [(run, run.performance.get(key)) for run in runs]
+            return [(r, float(v)) for r, v in values if isinstance(v, int | float) and math.isfinite(v)]
 
-        img_per_s, ms_per_step, memory = (
+        speed, step, memory = (
             recorded(key) for key in ("train_img_per_s", "train_ms_per_step", "peak_memory_mib")
         )
+        median = float(np.median([v for _, v in speed])) if speed else None
         return cls(
-            img_per_s=float(np.median(img_per_s)) if img_per_s else None,
-            ms_per_step=float(np.median(ms_per_step)) if ms_per_step else None,
-            peak_memory_mib=max(memory) if memory else None,
-            img_per_s_values=img_per_s,
-            peak_memory_values=memory,
+            img_per_s=median,
+            ms_per_step=float(np.median([v for _, v in step])) if step else None,
+            peak_memory_mib=max(v for _, v in memory) if memory else None,
+            img_per_s_values=[v for _, v in speed],
+            peak_memory_values=[v for _, v in memory],
+            outliers=[
+                (run, v)
+                for run, v in speed
+                if median and not median / THROUGHPUT_FACTOR <= v <= median * THROUGHPUT_FACTOR
+            ],
         )
 
 
@@ -70,17 +100,49 @@ class Cost:
 class Row:
     method: str
     dataset: str
-    runs: list[Run]
+    runs: list[Run]  # finished: the ones averaged
+    launched: list[Run] = field(default_factory=list)  # every run directory of the method
     is_baseline: bool = False
+    baseline: str | None = None  # the method compared with
     metrics: dict[str, MetricComparison] = field(default_factory=dict)
     cost: Cost = field(default_factory=lambda: Cost(None, None, None))
+    search: list[str] = field(default_factory=list)  # the options searched, when the row is a search
 
     @property
     def seeds(self) -> list:
         return [run.seed for run in self.runs]
 
+    def outcomes(self) -> str:
+        """``finished/launched``, then how the others ended (``3/5: 1 diverged, 1 failed``)."""
+        finished = {id(run) for run in self.runs}
+        ended = Counter(
+            "no test metrics" if run.status in (None, FINISHED) else run.status
+            for run in self.launched
+            if id(run) not in finished
+        )
+        text = f"{len(self.runs)}/{len(self.launched)}"
+        return text + (": " + ", ".join(f"{n} {status}" for status, n in ended.items()) if ended else "")
+
+
+def _seed_key(run: Run) -> str:
+    return json.dumps(run.seed)
+
+
+def _per_seed(runs: list[Run], metric: str) -> dict[str, float]:
+    """Seed -> score in % (the mean of the seed's runs if it has several), in order of first appearance."""
+    by_seed: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        by_seed[_seed_key(run)].append(100 * float(run.metrics[f"test/{metric}"]))
+    return {seed: float(np.mean(values)) for seed, values in by_seed.items()}
+
+
+def _single_seeds(row: Row) -> list[str]:
+    counts = Counter(map(_seed_key, row.runs))
+    return [seed for seed, count in counts.items() if count == 1]
+
 
 def _choose_baseline(rows: list[Row], requested: str | None) -> Row | None:
+    rows = [row for row in rows if row.runs]
     if requested is not None:
         return next((row for row in rows if row.method == requested), None)
     return next((row for row in rows if row.method == "none"), None) or next(
@@ -89,153 +151,200 @@ def _choose_baseline(rows: list[Row], requested: str | None) -> Row | None:
 
 
 def build_rows(
-    runs: list[Run], labels: dict[int, str], *, baseline: str | None = None, alpha: float = 0.05
+    runs: list[Run],
+    labels: dict[int, str],
+    *,
+    baseline: str | None = None,
+    alpha: float = 0.05,
+    seed: int = 0,
+    samples: int = DEFAULT_SAMPLES,
 ) -> tuple[list[Row], list[str]]:
-    """The table's rows (per dataset: baseline first, then methods in order of first appearance) and notes."""
+    """The rows (per dataset: baseline first, then methods in order of first appearance) and notes.
+
+    ``runs``: every run, finished or not; ``seed`` and ``samples`` drive the bootstrap.
+    """
     grouped: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         grouped.setdefault((labels[id(run)], run.dataset), []).append(run)
     rows, notes = [], []
     for dataset in dict.fromkeys(run.dataset for run in runs):
-        dataset_rows = [Row(method, d, members) for (method, d), members in grouped.items() if d == dataset]
+        dataset_rows = [
+            Row(method, d, [run for run in members if run.finished], members)
+            for (method, d), members in grouped.items()
+            if d == dataset
+        ]
         for row in dataset_rows:
+            if not row.runs:
+                continue
             for metric in METRICS:
-                values = [100 * float(run.metrics[f"test/{metric}"]) for run in row.runs]
-                row.metrics[metric] = MetricComparison(summarize(values), values)
+                values = _per_seed(row.runs, metric)
+                row.metrics[metric] = MetricComparison(summarize(list(values.values())), values)
             row.cost = Cost.of(row.runs)
-            repeated = [seed for seed, count in Counter(map(str, row.seeds)).items() if count > 1]
+            repeated = [seed for seed, count in Counter(map(_seed_key, row.runs)).items() if count > 1]
             if repeated:
                 notes.append(
-                    f"{row.method} on {dataset}: seed(s) {', '.join(repeated)} run twice or more, all counted"
+                    f"{row.method} on {dataset}: seed(s) {', '.join(repeated)} run more than once: each "
+                    "averaged into one value (counted once) and left out of the pairing"
                 )
+            notes += [
+                f"{row.method} on {dataset}: throughput of `{run.run_dir}` ({value:.1f} img/s) is more than "
+                f"{THROUGHPUT_FACTOR}× off the method's median ({row.cost.img_per_s:.1f} img/s)"
+                for run, value in row.cost.outliers
+            ]
+        notes += _mark_searches(dataset_rows)
         reference = _choose_baseline(dataset_rows, baseline)
         if reference is None:
             wanted = f"--baseline {baseline}" if baseline else "a method without regularizer"
-            notes.append(f"{dataset}: no baseline ({wanted} has no run on it), so no differences are shown")
+            notes.append(f"{dataset}: no baseline ({wanted} has no finished run on it), so no differences")
         else:
             reference.is_baseline = True
             dataset_rows.remove(reference)
             dataset_rows.insert(0, reference)
-            _compare(dataset_rows, reference, alpha)
+            notes += _compare(dataset_rows, reference, alpha, seed=seed, samples=samples)
         rows += dataset_rows
     return rows, notes
 
 
-def _compare(rows: list[Row], reference: Row, alpha: float) -> None:
-    """Fill delta, p, Holm-adjusted p and significance of every row against ``reference``, per metric."""
-    others = [row for row in rows if row is not reference]
+def _compare(rows: list[Row], reference: Row, alpha: float, *, seed: int, samples: int) -> list[str]:
+    """Fill every row's differences to ``reference``; returns the notes on the seeds paired."""
+    notes = []
+    others = [row for row in rows if row is not reference and row.runs]
+    base_seeds = _single_seeds(reference)
     if reference.cost.img_per_s:
         for row in rows:
             if row.cost.img_per_s is not None:
                 row.cost.img_per_s_ratio = row.cost.img_per_s / reference.cost.img_per_s
-    for metric in METRICS:
-        base = reference.metrics[metric]
-        for row in others:
-            comparison = row.metrics[metric]
-            comparison.delta = comparison.summary.mean - base.summary.mean
-            comparison.p = welch_p_value(comparison.values, base.values)
-        adjusted = holm_adjust([row.metrics[metric].p for row in others])
-        for row, p_holm in zip(others, adjusted, strict=True):
-            row.metrics[metric].p_holm = p_holm
-            row.metrics[metric].significant = None if p_holm is None else p_holm < alpha
-
-
-def _number(value: float | None, spec: str = ".2f") -> str:
-    return "n/a" if value is None or math.isnan(value) else format(value, spec)
-
-
-def _mean_std(summary: Summary) -> str:
-    return _number(summary.mean) if summary.n < 2 else f"{summary.mean:.2f} ± {summary.std:.2f}"
-
-
-def markdown_table(rows: list[Row]) -> str:
-    header = ["method", "dataset", "n"]
-    for metric in METRICS:
-        header += [f"{metric} (%)", f"Δ {metric}", "p"]
-    header += ["img/s", "img/s ÷ base", "peak MiB"]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---", "---", "--:"] + ["--:"] * (3 * len(METRICS) + 3)) + "|",
-    ]
-    for row in rows:
-        cells = [row.method, row.dataset, str(len(row.runs))]
-        for metric in METRICS:
-            comparison = row.metrics[metric]
-            if row.is_baseline:
-                cells += [_mean_std(comparison.summary), "baseline", ""]
-            elif comparison.delta is None:
-                cells += [_mean_std(comparison.summary), "", ""]
-            else:
-                star = "*" if comparison.significant else ""
-                cells += [
-                    _mean_std(comparison.summary),
-                    f"{comparison.delta:+.2f}{star}",
-                    _number(comparison.p, ".3f"),
-                ]
-        ratio = "baseline" if row.is_baseline and row.cost.img_per_s else _number(row.cost.img_per_s_ratio)
-        cells += [_number(row.cost.img_per_s, ".1f"), ratio, _number(row.cost.peak_memory_mib, ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def legend(alpha: float) -> str:
-    return (
-        "Test metrics in %, mean ± sample std (ddof = 1) over the n seeds. Δ: difference of means to the "
-        "baseline on the same dataset, in points. p: Welch's two-sided t-test over seeds (unequal "
-        f"variances); * = significant at α = {alpha} after Holm's correction over the methods compared "
-        "with that baseline (per metric and dataset). n/a: fewer than 2 seeds on a side, no test. "
-        "img/s: median training throughput over the seeds (run.json); img/s ÷ base: that median divided by "
-        "the baseline's (below 1 = slower); peak MiB: the largest peak memory of the seeds; n/a: not "
-        "recorded."
-    )
-
-
-def write_csv(rows: list[Row], path: Path) -> None:
-    fields = ["method", "dataset", "n", "seeds", "baseline"]
-    for metric in METRICS:
-        fields += [
-            f"{metric}_{key}" for key in ("mean", "std", "delta", "p", "p_holm", "significant", "values")
+    pairs: dict[int, list[str]] = {}
+    for row in others:
+        row.baseline = reference.method
+        mine = _single_seeds(row)
+        pairs[id(row)] = [s for s in mine if s in base_seeds]
+        unmatched = [f"{s} ({row.method} only)" for s in mine if s not in base_seeds] + [
+            f"{s} ({reference.method} only)" for s in base_seeds if s not in mine
         ]
-    fields += [
-        "train_img_per_s_median",
-        "train_img_per_s_ratio",
-        "train_img_per_s_values",
-        "train_ms_per_step_median",
-        "peak_memory_mib_max",
-        "peak_memory_mib_values",
-    ]
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            record = {
-                "method": row.method,
-                "dataset": row.dataset,
-                "n": len(row.runs),
-                "seeds": ";".join(map(str, row.seeds)),
-                "baseline": row.is_baseline,
-            }
-            for metric, comparison in row.metrics.items():
-                record |= {
-                    f"{metric}_mean": comparison.summary.mean,
-                    f"{metric}_std": "" if math.isnan(comparison.summary.std) else comparison.summary.std,
-                    f"{metric}_delta": "" if comparison.delta is None else comparison.delta,
-                    f"{metric}_p": "" if comparison.p is None else comparison.p,
-                    f"{metric}_p_holm": "" if comparison.p_holm is None else comparison.p_holm,
-                    f"{metric}_significant": "" if comparison.significant is None else comparison.significant,
-                    f"{metric}_values": ";".join(f"{value:.4f}" for value in comparison.values),
-                }
-            cost = row.cost
-            record |= {
-                "train_img_per_s_median": _blank_if_none(cost.img_per_s),
-                "train_img_per_s_ratio": _blank_if_none(cost.img_per_s_ratio),
-                "train_img_per_s_values": ";".join(f"{value:.2f}" for value in cost.img_per_s_values),
-                "train_ms_per_step_median": _blank_if_none(cost.ms_per_step),
-                "peak_memory_mib_max": _blank_if_none(cost.peak_memory_mib),
-                "peak_memory_mib_values": ";".join(f"{value:.1f}" for value in cost.peak_memory_values),
-            }
-            writer.writerow(record)
+        if unmatched:
+            notes.append(
+                f"{row.method} vs {reference.method} on {row.dataset}: seed(s) {', '.join(unmatched)} "
+                "have no partner, left out of the pairing"
+            )
+        if len(pairs[id(row)]) < 2:
+            notes.append(
+                f"{row.method} vs {reference.method} on {row.dataset}: fewer than 2 shared seeds, so the "
+                "unpaired Welch test (each seed once)"
+            )
+        for metric in METRICS:
+            comparison, base = row.metrics[metric], reference.metrics[metric]
+            common = pairs[id(row)]
+            comparison.difference = (
+                paired_difference(
+                    [comparison.values[s] for s in common], [base.values[s] for s in common], alpha=alpha
+                )
+                if len(common) >= 2
+                else welch_difference(list(comparison.values.values()), list(base.values.values()))
+            )
+    primary = [row.metrics[PRIMARY] for row in others]
+    for comparison, p_holm, p_flip_holm in zip(
+        primary,
+        holm_adjust([c.difference.p for c in primary]),
+        holm_adjust([c.difference.p_sign_flip for c in primary]),
+        strict=True,
+    ):
+        comparison.p_holm, comparison.p_sign_flip_holm = p_holm, p_flip_holm
+        comparison.significant = None if p_holm is None else p_holm < alpha
+    notes += _bootstrap(others, reference, pairs, seed=seed, samples=samples)
+    return notes
 
 
-def _blank_if_none(value: float | None) -> float | str:
-    return "" if value is None else value
+def _bootstrap(
+    others: list[Row], reference: Row, pairs: dict[int, list[str]], *, seed: int, samples: int
+) -> list[str]:
+    """Fill the primary metric's bootstrap of every paired row; notes on what could not be resampled."""
+
+    def run_of(row: Row, seed_key: str) -> Run:
+        return next(run for run in row.runs if _seed_key(run) == seed_key)
+
+    paired = [row for row in others if len(pairs[id(row)]) >= 2]
+    for row in others:
+        if row not in paired:
+            row.metrics[PRIMARY].why_no_bootstrap = "unpaired"
+    runs_of = {
+        id(row): ([run_of(row, s) for s in pairs[id(row)]], [run_of(reference, s) for s in pairs[id(row)]])
+        for row in paired
+    }
+    needed = list({id(run): run for mine, base in runs_of.values() for run in mine + base}.values())
+    if not needed:
+        return []
+    files = {id(run): RunDir(run.run_dir).per_query for run in needed}
+    lacking = [run for run in needed if not files[id(run)].is_file()]
+    usable = [run for run in needed if run not in lacking]
+    notes = []
+    if lacking:
+        notes.append(
+            f"{reference.dataset}: {len(lacking)} run(s) have no {files[id(lacking[0])].name} (tested before "
+            "reidreg kept per-query results), so no bootstrap for their comparisons: "
+            + ", ".join(f"`{run.run_dir}`" for run in lacking[:5])
+            + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        )
+    try:
+        resampler = (
+            DatasetBootstrap(
+                [PerQuery.load(files[id(run)]) for run in usable],
+                dataset=reference.dataset,
+                seed=seed,
+                samples=samples,
+            )
+            if usable
+            else None
+        )
+    except ValueError as error:
+        notes.append(f"{reference.dataset}: no bootstrap: {error}")
+        resampler = None
+    column = {id(run): index for index, run in enumerate(usable)}
+    for row in paired:
+        comparison = row.metrics[PRIMARY]
+        method_runs, base_runs = runs_of[id(row)]
+        if resampler is None or any(id(run) not in column for run in method_runs + base_runs):
+            comparison.why_no_bootstrap = "no per-query results"
+            continue
+        comparison.bootstrap = resampler.compare(
+            [column[id(run)] for run in method_runs], [column[id(run)] for run in base_runs], name=row.method
+        )
+    return notes
+
+
+def _mark_searches(rows: list[Row]) -> list[str]:
+    """Mark rows that differ only in numeric options of the same regularizer (and experiment) as a search."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.launched[0].regularizer, row.launched[0].experiment)].append(row)
+    notes = []
+    for (regularizer, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        runs = [run for row in members for run in row.launched]
+        flats = iter(settings(runs))
+        constant: list[dict[str, str]] = []  # per row: the settings all its runs share
+        for row in members:
+            row_flats = [next(flats) for _ in row.launched]
+            constant.append({k: v for k, v in row_flats[0].items() if all(f.get(k) == v for f in row_flats)})
+        keys = set().union(*constant)
+        differing = sorted(k for k in keys if len({c.get(k) for c in constant}) > 1)
+        numeric = all(
+            key.startswith("regularizer.") and all(_is_number(c.get(key)) for c in constant)
+            for key in differing
+        )
+        if differing and numeric:
+            searched = [key.removeprefix("regularizer.") for key in differing]
+            for row in members:
+                row.search = searched
+            notes.append(
+                f"{members[0].dataset}: the {len(members)} {regularizer} rows are a search over "
+                f"{', '.join(searched)}: the best of them by its test score overstates it; select on the "
+                "validation score (val/best_mAP) and confirm the chosen value with new seeds"
+            )
+    return notes
+
+
+def _is_number(value: str | None) -> bool:
+    parsed = None if value is None else json.loads(value)
+    return isinstance(parsed, int | float) and not isinstance(parsed, bool)

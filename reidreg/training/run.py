@@ -300,6 +300,10 @@ def fit_and_test(
         results.update(test[0])
         if trainer.is_global_zero:
             checkpoint = best_path or "final weights (no validation hold-out)"
+            tested = module.test_metric.last_result  # float64 (Lightning logs float32) and every query
+            results.update({f"test/{key}": float(tested[key]) for key in REPORTED_METRICS})
+            results.update(num_valid_queries=tested["num_valid_queries"], num_queries=tested["num_queries"])
+            tested["per_query"].save(RunDir(run_dir).per_query)
             atomic_write(
                 RunDir(run_dir).test_metrics,
                 json.dumps({**results, "checkpoint": str(checkpoint)}, indent=2) + "\n",
