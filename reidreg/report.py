@@ -12,8 +12,10 @@ The Markdown report is also printed. Runs that did not finish — failed, diverg
 according to their ``run.json``, or without ``test_metrics.json`` — and jobs of a multirun that never
 started are listed in it and never averaged; so are differences between methods other than the method
 itself. The table shows each method's training speed and peak memory (``run.json``), and the report warns
-when the runs compared differ in their environment (software, code version, precision, device, dataset;
-``reidreg.reporting.environment``).
+when the runs compared differ in their environment (software, code version, numerics;
+``reidreg.reporting.environment``). Runs of one dataset that differ in its content, in precision or in
+device class are refused, in one message naming the runs and the field, unless ``--allow-mixed`` is given
+(the report then says so above the table).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from reidreg.reporting.environment import environment_differences, shared_environment, without_provenance
+from reidreg.errors import ConfigError
+from reidreg.reporting.environment import (
+    environment_differences,
+    mixed_runs,
+    mixing_refusal,
+    shared_environment,
+    without_provenance,
+)
 from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
 from reidreg.reporting.table import Row, build_rows, legend, markdown_table, write_csv
@@ -96,11 +105,19 @@ def render(
     paths: list[Path],
     alpha: float,
     describe: Callable[[Run], str],
+    mixed: list[str] | None = None,
 ) -> str:
     sections = [
         f"# Comparison of {len(study.finished)} finished runs\n",
         "Runs gathered from " + ", ".join(f"`{path}`" for path in paths) + ".\n",
     ]
+    if mixed:
+        sections.append(
+            "**Mixed comparison (--allow-mixed): these runs measured different things.** Differences in "
+            "the table may come from these rather than from the methods:\n"
+        )
+        sections += [f"- {line}" for line in mixed]
+        sections.append("")
     differences = environment_differences(study.finished, describe)
     if differences:
         sections.append(
@@ -146,8 +163,13 @@ def report(
     baseline: str | None = None,
     alpha: float = 0.05,
     plots: bool = True,
+    allow_mixed: bool = False,
 ) -> tuple[str, list[Path]]:
-    """Write the report of the runs under ``paths``; returns its Markdown text and the files written."""
+    """Write the report of the runs under ``paths``; returns its Markdown text and the files written.
+
+    ``ConfigError`` before anything is written when runs of one dataset differ in what they measure
+    (``reidreg.reporting.environment.mixed_runs``), unless ``allow_mixed``.
+    """
     study = gather(paths)
     if not study.runs:
         raise FileNotFoundError(f"no run directory (config.yaml, test_metrics.json or .hydra/) under {paths}")
@@ -171,7 +193,10 @@ def report(
         where = run.run_dir.relative_to(common) if run.run_dir != common else Path(run.run_dir.name)
         return f"`{where}` ({labels[id(run)]}, seed {run.seed})"
 
-    text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe)
+    mixed = mixed_runs(finished, describe)
+    if mixed and not allow_mixed:
+        raise ConfigError(mixing_refusal(mixed))
+    text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe, mixed=mixed)
 
     out_dir = out_dir or common
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,12 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None, help="method to compare with (default: none)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     parser.add_argument("--no-plots", action="store_true", help="only the Markdown and CSV tables")
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="compare runs that differ in dataset content, precision or device class (marked in the report)",
+    )
     args = parser.parse_args(argv)
     try:
         text, written = report(
-            args.paths, out_dir=args.out, baseline=args.baseline, alpha=args.alpha, plots=not args.no_plots
+            args.paths,
+            out_dir=args.out,
+            baseline=args.baseline,
+            alpha=args.alpha,
+            plots=not args.no_plots,
+            allow_mixed=args.allow_mixed,
         )
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(text)

@@ -23,7 +23,13 @@ from pytorch_lightning.loggers import WandbLogger
 
 from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
 from reidreg.models import build_reid_model
-from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
+from reidreg.provenance import (
+    DatasetSummary,
+    collect_provenance,
+    process_wall_time_s,
+    provenance_for_wandb,
+    tested_checkpoint,
+)
 from reidreg.regularizers import TrainingPlan, build_regularizers
 from reidreg.run_dir import BEST, STORED_CONFIG_KEY, RunDir, atomic_write, read_checkpoint
 from reidreg.training.checkpointing import AtomicCheckpointIO, ResumePoint
@@ -221,7 +227,7 @@ def run_training(
     atomic_write(RunDir(run_dir).config, OmegaConf.to_yaml(cfg, resolve=True))
     record = RunRecord(run_dir)
     if trainer.is_global_zero:
-        provenance = run_provenance(cfg, datamodule, trainer)
+        provenance = run_provenance(cfg, datamodule, trainer, run_dir)
         record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -238,10 +244,15 @@ def run_training(
                 if isinstance(error, ReIDRegError)
                 else f"{type(error).__name__}: {one_line(error)}"
             )
-            record.finish(status, reason=reason, performance=throughput_of(trainer).summary())
+            record.finish(status, reason=reason, performance=run_cost(trainer))
         raise
     if trainer.is_global_zero:
-        performance = throughput_of(trainer).summary()
+        performance = run_cost(trainer)
+        if "checkpoint_epoch" in results:
+            record.data["tested_checkpoint"] = {
+                "epoch": results["checkpoint_epoch"],
+                "global_step": results["checkpoint_global_step"],
+            }
         record.finish("finished", performance=performance)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -268,6 +279,9 @@ def fit_and_test(
         results.update(trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0])
         if trainer.is_global_zero:
             checkpoint = best or "final weights (no validation hold-out)"
+            # The final weights are those after the last epoch (0-based: current_epoch - 1).
+            tested = tested_checkpoint(best, epoch=trainer.current_epoch - 1, global_step=trainer.global_step)
+            results.update(checkpoint_epoch=tested["epoch"], checkpoint_global_step=tested["global_step"])
             atomic_write(
                 RunDir(run_dir).test_metrics,
                 json.dumps({**results, "checkpoint": str(checkpoint)}, indent=2) + "\n",
@@ -287,14 +301,16 @@ def fit_and_test(
     return results
 
 
-def run_provenance(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
-    """What produced this run (``reidreg.provenance``); after the Trainer set the numerics up."""
+def run_provenance(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, run_dir: Path) -> dict[str, Any]:
+    """What produced this run (``reidreg.provenance``); after the Trainer set the numerics up and the
+    run directory got its config.yaml (hashed; ``source.patch`` is written beside it)."""
     dataset = DatasetSummary.of(
         datamodule.dataset,
         train=datamodule.train_samples,
         val_query=datamodule.val_query,
         val_gallery=datamodule.val_gallery,
         options=OmegaConf.to_container(cfg.dataset.options),
+        content_hash=getattr(datamodule, "content_hash", None),  # from the image check, when it ran
     )
     return collect_provenance(
         cfg,
@@ -302,7 +318,14 @@ def run_provenance(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer) -> dic
         precision=str(trainer.precision),
         device=trainer.strategy.root_device,
         num_devices=trainer.world_size,
+        run_dir=run_dir,
     )
+
+
+def run_cost(trainer: pl.Trainer) -> dict[str, Any]:
+    """run.json's ``performance``: the training speed and memory, and the whole process's wall time
+    (imports, data generation and the image check included)."""
+    return {**throughput_of(trainer).summary(), "process_wall_time_s": process_wall_time_s()}
 
 
 def throughput_of(trainer: pl.Trainer) -> ThroughputMonitor:
