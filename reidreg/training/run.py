@@ -47,7 +47,7 @@ from reidreg.training.run_record import RunRecord
 from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, print_metrics_table
 from reidreg.utils.config import instantiate
-from reidreg.utils.loggers import build_loggers
+from reidreg.utils.loggers import build_loggers, finish_wandb
 
 log = logging.getLogger(__name__)
 # Emitted by Lightning's own code under torch >= 2.10 at every step; nothing a user can act on.
@@ -244,7 +244,9 @@ def run_training(
                 if isinstance(error, ReIDRegError)
                 else f"{type(error).__name__}: {one_line(error)}"
             )
-            record.finish(status, reason=reason, performance=run_cost(trainer))
+            performance = run_cost(trainer)
+            record.finish(status, reason=reason, performance=performance)
+            finish_wandb(trainer.loggers, status, performance)
         raise
     if trainer.is_global_zero:
         performance = run_cost(trainer)
@@ -254,9 +256,7 @@ def run_training(
                 "global_step": results["checkpoint_global_step"],
             }
         record.finish("finished", performance=performance)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update(provenance_for_wandb({}, performance))
+        finish_wandb(trainer.loggers, "finished", performance)
     return results
 
 
