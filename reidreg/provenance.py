@@ -32,9 +32,9 @@ edits). Untracked files over ``MAX_UNTRACKED_BYTES`` (data, outputs left unignor
 named in ``git.untracked_skipped``. ``device.model`` is the GPU's name for CUDA and the CPU's model for a CPU
 run (what the speed figures depend on).
 
-Collection is cheap next to a run: two to four git calls (one more per untracked file), one pass over the
-installed packages' metadata and, with pretrained weights, one SHA-256 of the weights file (about 0.08 s
-per 100 MiB on one core, so it is not cached).
+Collection is cheap next to a run: three git calls (five when dirty, plus one per untracked file), one
+listing of each ``sys.path`` folder for the installed packages and, with pretrained weights, one SHA-256
+of the weights file (about 0.08 s per 100 MiB on one core, so it is not cached).
 
 ``provenance_for_wandb`` flattens it, with the run's ``performance``, into ``provenance/...`` and
 ``performance/...`` keys for W&B's run config (the package list as one string).
@@ -49,6 +49,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -218,18 +219,19 @@ def git_state(source_dir: Path | None = None, patch_file: Path | None = None) ->
     source_dir = source_dir or Path(__file__).resolve().parent
     if not source_dir.is_dir() or _git(["ls-files", "--error-unmatch", "__init__.py"], source_dir) is None:
         return None
-    commit, top = _git(["rev-parse", "HEAD"], source_dir), _git(["rev-parse", "--show-toplevel"], source_dir)
-    if commit is None or top is None:  # e.g. a repository without any commit yet
+    revision = _git(["rev-parse", "HEAD", "--show-toplevel"], source_dir)
+    if revision is None:  # e.g. a repository without any commit yet
         return None
+    commit, top = revision.decode().splitlines()
     status = _git(["status", "--porcelain"], source_dir)  # None if it timed out: dirty unknown
     state: dict[str, Any] = {
-        "commit": commit.decode().strip(),
+        "commit": commit,
         "dirty": None if status is None else bool(status),
         "patch_sha256": None,
         "patch_file": None,
         "untracked_skipped": [],
     }
-    patch = source_patch(Path(top.decode().strip())) if status else None
+    patch = source_patch(Path(top)) if status else None
     if patch is not None:
         text, state["untracked_skipped"] = patch
         state["patch_sha256"] = hashlib.sha256(text).hexdigest()
@@ -240,8 +242,25 @@ def git_state(source_dir: Path | None = None, patch_file: Path | None = None) ->
 
 
 def installed_packages() -> list[str]:
-    """Every installed distribution as ``name==version``, sorted (what ``pip freeze`` lists, without pip)."""
-    return sorted({f"{dist.name}=={dist.version}" for dist in importlib.metadata.distributions()})
+    """Every installed distribution as ``name==version`` (name normalised as PEP 503 does), sorted: what
+    ``pip freeze`` lists, without pip.
+
+    Read from the names of the ``<name>-<version>.dist-info`` (or ``.egg-info``) folders on ``sys.path``,
+    the first of a name winning as in an import: under 1 ms, where reading every distribution's metadata
+    with ``importlib.metadata`` takes about 0.2 s.
+    """
+    found: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for folder in names:
+            stem, suffix = os.path.splitext(folder)
+            if suffix in (".dist-info", ".egg-info") and "-" in stem:
+                name, version = stem.split("-")[:2]
+                found.setdefault(re.sub(r"[-_.]+", "-", name).lower(), version)
+    return sorted(f"{name}=={version}" for name, version in found.items())
 
 
 def file_sha256(path: str | Path) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from reidreg.provenance import (
     DatasetSummary,
     collect_provenance,
     git_state,
+    installed_packages,
     provenance_for_wandb,
 )
 from reidreg.train import train
@@ -282,6 +285,7 @@ def test_flat_keys_for_wandb():
         "precision": "32-true",
         "dataset": {"name": "synthetic", "splits": {"train": {"images": 36, "ids": 6}}},
         "command": ["-m", "reidreg.train", "regularizer=[adaptive_l2,sgsl]"],
+        "packages": ["numpy==2.4.6", "torch==2.14.1"],
     }
     flat = provenance_for_wandb(provenance, {"train_img_per_s": 120.5, "peak_memory_mib": None})
     assert flat == {
@@ -293,6 +297,7 @@ def test_flat_keys_for_wandb():
         "provenance/dataset/splits/train/images": 36,
         "provenance/dataset/splits/train/ids": 6,
         "provenance/command": "-m reidreg.train 'regularizer=[adaptive_l2,sgsl]'",
+        "provenance/packages": "numpy==2.4.6 torch==2.14.1",
         "performance/train_img_per_s": 120.5,
         "performance/peak_memory_mib": None,
     }
@@ -309,12 +314,21 @@ def test_importing_it_loads_neither_torch_nor_lightning():
 
 
 def test_the_report_finds_every_field_it_compares(data_root):
-    from reidreg.reporting.environment import FIELDS, UNKNOWN, value_of
+    from reidreg.reporting.environment import FIELDS, HELD_OUT, MIXING_FIELDS, UNKNOWN, value_of
 
     provenance = collect_provenance(
         {"seed": 0}, dataset=_summary(data_root), precision="32-true", device="cpu", num_devices=1
     )
-    assert [field.label for field in FIELDS if value_of(provenance, field) == UNKNOWN] == []
+    compared = (*FIELDS, *MIXING_FIELDS, HELD_OUT)
+    assert [field.label for field in compared if value_of(provenance, field) == UNKNOWN] == []
+
+
+def test_installed_packages_are_those_importlib_metadata_knows():
+    normalised = {
+        f"{re.sub(r'[-_.]+', '-', dist.name).lower()}=={dist.version}"
+        for dist in importlib.metadata.distributions()
+    }
+    assert installed_packages() == sorted(normalised)
 
 
 def test_process_wall_time_counts_from_the_process_start():
