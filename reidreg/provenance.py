@@ -25,10 +25,11 @@ run records where it came from (``run.json``'s ``"provenance"``, written by ``re
 
 ``git`` is None unless reidreg runs from a git checkout. ``git.dirty`` is true when the checkout has
 uncommitted changes (untracked, not ignored files included). The changes are kept in the run directory as
-``source.patch`` (``git.patch_file``): the tracked changes (``git diff HEAD --binary``) followed by every
-untracked, not ignored file as an added file, so that ``git apply source.patch`` on the recorded commit
-rebuilds the source tree the run used; ``git.patch_sha256`` is its hash (equal for two runs from the same
-edits). Untracked files over ``MAX_UNTRACKED_BYTES`` (data, outputs left unignored) are not copied, only
+``source.patch`` (``git.patch_file``; the bytes are ``SourceState.patch``, saved by ``reidreg.train``):
+the tracked changes (``git diff HEAD --binary``) followed by every untracked, not ignored file as an added
+file, so that ``git apply source.patch`` on the recorded commit rebuilds the source tree the run used;
+``git.patch_sha256`` is its hash (equal for two runs from the same edits). Untracked files over
+``MAX_UNTRACKED_BYTES`` (data, outputs left unignored) are not copied, only
 named in ``git.untracked_skipped``. ``device.model`` is the GPU's name for CUDA and the CPU's model for a CPU
 run (what the speed figures depend on).
 
@@ -61,7 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reidreg.run_dir import RunDir, atomic_write, read_checkpoint
+from reidreg.run_dir import PATCH_FILE, atomic_write, read_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -209,22 +210,31 @@ def source_patch(top: Path) -> tuple[bytes, list[str]] | None:
     return b"".join(parts), skipped
 
 
-def git_state(source_dir: Path | None = None, patch_file: Path | None = None) -> dict[str, Any] | None:
-    """Commit, dirty flag and patch of the git checkout that holds the reidreg package, None if none.
+@dataclass(frozen=True)
+class SourceState:
+    """The git record of the source tree (``provenance["git"]``) and, for a dirty tree, its patch: the
+    bytes the run directory keeps as ``source.patch`` (``reidreg.run_dir.PATCH_FILE``)."""
+
+    git: dict[str, Any] | None
+    patch: bytes | None = None
+
+
+def source_state(source_dir: Path | None = None) -> SourceState:
+    """Commit, dirty flag and patch of the git checkout that holds the reidreg package (``git`` None if
+    there is none).
 
     None too when the package is installed (site-packages) rather than run from a checkout, even inside
     another project's repository: the package's own ``__init__.py`` must be tracked by that repository.
-    With ``patch_file``, the patch of a dirty checkout is written there (atomically).
     """
     source_dir = source_dir or Path(__file__).resolve().parent
     if not source_dir.is_dir() or _git(["ls-files", "--error-unmatch", "__init__.py"], source_dir) is None:
-        return None
+        return SourceState(None)
     revision = _git(["rev-parse", "HEAD", "--show-toplevel"], source_dir)
     if revision is None:  # e.g. a repository without any commit yet
-        return None
+        return SourceState(None)
     commit, top = revision.decode().splitlines()
     status = _git(["status", "--porcelain"], source_dir)  # None if it timed out: dirty unknown
-    state: dict[str, Any] = {
+    git: dict[str, Any] = {
         "commit": commit,
         "dirty": None if status is None else bool(status),
         "patch_sha256": None,
@@ -232,13 +242,28 @@ def git_state(source_dir: Path | None = None, patch_file: Path | None = None) ->
         "untracked_skipped": [],
     }
     patch = source_patch(Path(top)) if status else None
-    if patch is not None:
-        text, state["untracked_skipped"] = patch
-        state["patch_sha256"] = hashlib.sha256(text).hexdigest()
-        if patch_file is not None:
-            atomic_write(patch_file, text)
-            state["patch_file"] = patch_file.name
-    return state
+    if patch is None:
+        return SourceState(git)
+    text, git["untracked_skipped"] = patch
+    git.update(patch_sha256=hashlib.sha256(text).hexdigest(), patch_file=PATCH_FILE)
+    return SourceState(git, text)
+
+
+def save_source_patch(path: Path, patch: bytes | None, *, resumed: bool) -> None:
+    """Keep a new run's patch at ``path`` (a clean tree: no file, a stale one from an earlier run in the
+    folder removed). A resumed run keeps its first start's file, as ``run.json`` keeps the first start's
+    provenance; a resume from other changes is noted there (``resumes[].provenance_changes.git``)."""
+    if resumed:
+        return
+    if patch is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write(path, patch)
+
+
+def git_state(source_dir: Path | None = None) -> dict[str, Any] | None:
+    """``source_state(source_dir).git``: the record alone."""
+    return source_state(source_dir).git
 
 
 def installed_packages() -> list[str]:
@@ -349,7 +374,8 @@ def collect_provenance(
     precision: str,
     device: torch.device | str,
     num_devices: int,
-    run_dir: str | Path | None = None,
+    config_text: str | None = None,
+    source: SourceState | None = None,
 ) -> dict[str, Any]:
     """Everything that identifies where a run's numbers came from (layout in the module docstring).
 
@@ -357,12 +383,12 @@ def collect_provenance(
     ``precision``: the Trainer's resolved precision (``trainer.precision``, e.g. ``"32-true"``), not the
     config value. ``device``: the device this process trains on (``trainer.strategy.root_device``);
     ``num_devices``: how many devices train together (``trainer.world_size``). Call it once the Trainer is
-    built: Lightning sets the numerics (``trainer.deterministic``) when it is constructed. ``run_dir``: the
-    run directory, whose ``config.yaml`` is hashed and which receives ``source.patch`` (None: neither).
+    built: Lightning sets the numerics (``trainer.deterministic``) when it is constructed. ``config_text``:
+    the ``config.yaml`` the run writes (hashed). ``source``: ``source_state()``, when the caller keeps its
+    patch (computed here otherwise). Nothing is written: the caller saves the patch once the run may write.
     """
     import torch
 
-    layout = RunDir(run_dir) if run_dir is not None else None
     age = process_wall_time_s()
     started = None if age is None else datetime.fromtimestamp(time.time() - age, UTC)
     return {
@@ -375,7 +401,7 @@ def collect_provenance(
             **{name: package_version(*dists) for name, dists in VERSIONED_PACKAGES.items()},
         },
         "packages": installed_packages(),
-        "git": git_state(patch_file=layout.patch if layout else None),
+        "git": (source or source_state()).git,
         "host": {
             "hostname": socket.gethostname(),
             "platform": platform.platform(),
@@ -393,7 +419,7 @@ def collect_provenance(
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
         "seed": cfg.get("seed"),
-        "config_sha256": file_sha256(layout.config) if layout and layout.config.is_file() else None,
+        "config_sha256": None if config_text is None else hashlib.sha256(config_text.encode()).hexdigest(),
         "weights": weights_file_record(cfg.get("backbone") or {}),
         "dataset": dataset.as_dict() if isinstance(dataset, DatasetSummary) else dict(dataset),
         "process_started_at": None if started is None else started.isoformat(timespec="seconds"),

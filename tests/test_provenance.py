@@ -28,6 +28,8 @@ from reidreg.provenance import (
     git_state,
     installed_packages,
     provenance_for_wandb,
+    save_source_patch,
+    source_state,
 )
 from reidreg.train import train
 
@@ -218,13 +220,15 @@ def test_the_saved_patch_rebuilds_the_dirty_tree_on_its_commit(checkout, tmp_pat
     (checkout / "train.log").write_text("ignored\n")
     (checkout / "big.csv").write_bytes(b"1," * (MAX_UNTRACKED_BYTES // 2 + 1))
 
-    patch_file = tmp_path / "run" / "source.patch"
-    patch_file.parent.mkdir()
-    state = git_state(package, patch_file=patch_file)
+    source = source_state(package)
+    state, patch = source.git, source.patch
     assert state["patch_file"] == "source.patch" and state["untracked_skipped"] == ["big.csv"]
-    patch = patch_file.read_bytes()
     assert hashlib.sha256(patch).hexdigest() == state["patch_sha256"]
     assert b"checkpoint.ckpt" not in patch and b"train.log" not in patch and b"big.csv" not in patch
+    patch_file = tmp_path / "run" / "source.patch"
+    patch_file.parent.mkdir()
+    save_source_patch(patch_file, patch, resumed=False)
+    save_source_patch(patch_file, b"other changes", resumed=True)  # a resume keeps the first start's
 
     clone = tmp_path / "clone"
     _git(tmp_path, "clone", "-q", str(checkout), str(clone))
@@ -232,6 +236,8 @@ def test_the_saved_patch_rebuilds_the_dirty_tree_on_its_commit(checkout, tmp_pat
     _git(clone, "apply", str(patch_file))
     for path in ("pkg/module.py", ".gitignore", "pkg/sub/new.py", "pkg/table.bin"):
         assert (clone / path).read_bytes() == (checkout / path).read_bytes(), path
+    save_source_patch(patch_file, None, resumed=False)  # a new run from a clean tree: no stale patch
+    assert not patch_file.exists()
 
 
 def test_no_git_gives_null(checkout, tmp_path, monkeypatch, data_root):
