@@ -37,18 +37,19 @@ OPERATIONAL = (
     "data.num_workers",
     "data.batch_size_test",
     "data.verify_images",
-    "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
+    "trainer.accelerator",  # the device class is the environment's (the report refuses to mix them)
     "trainer.strategy",
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
 )
-#: Options that change the numbers, but that a resumed run may still change: its length (to extend it)
-#: and the final test's re-ranking. Two runs that differ in them are different methods.
+#: Options that change the numbers, but that a resumed run may still change: its length (to extend it),
+#: the final test's re-ranking, and the devices (resume checks that the number of processes, hence the
+#: global batch, stays the same). Two runs that differ in them are different methods.
 RESUME_ADJUSTABLE = (
+    "trainer.devices",
+    "trainer.num_nodes",
     "trainer.max_epochs",
     "trainer.max_steps",
     "trainer.max_time",
