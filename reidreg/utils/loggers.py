@@ -138,11 +138,15 @@ def finish_wandb(loggers: list[Logger], status: str, performance: dict[str, Any]
     """Mark the W&B run with how the run ended (tag ``status:<status>``, summary ``status`` and the cost)
     and finish it, so that the next job of an in-process multirun starts a run of its own."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
+        if not isinstance(logger, WandbLogger):
+            continue
+        try:
             run = logger.experiment
             run.tags = (*run.tags, f"status:{status}")
             run.summary.update({"status": status, **provenance_for_wandb({}, performance)})
             run.finish(exit_code=0 if status == "finished" else 1)
+        except Exception as error:  # W&B may be what failed: never hide the run's own error behind it
+            log.warning("W&B: could not record the run's final status %s (%s)", status, error)
 
 
 def build_loggers(cfg: DictConfig, *, resume_step: int | None = None) -> list[Logger]:
