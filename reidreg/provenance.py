@@ -320,13 +320,13 @@ def process_wall_time_s() -> float | None:
     return round(now - ticks / os.sysconf("SC_CLK_TCK"), 2)
 
 
-def tested_checkpoint(path: str | Path | None, *, epoch: int, global_step: int) -> dict[str, Any]:
-    """Which weights the test used: ``path`` (a checkpoint) with its epoch (0-based) and global step as
-    stored in it, or, without one, the final weights at ``epoch``/``global_step``."""
+def tested_checkpoint(path: str | Path | None, *, epoch: int, global_step: int) -> dict[str, int]:
+    """Which weights the test used: the epoch (0-based) and global step stored in checkpoint ``path``, or,
+    without one (no validation hold-out, so no best checkpoint), those of the final weights."""
     if not path:
-        return {"checkpoint": None, "epoch": epoch, "global_step": global_step}
+        return {"epoch": epoch, "global_step": global_step}
     stored = read_checkpoint(path)
-    return {"checkpoint": str(path), "epoch": stored.get("epoch"), "global_step": stored.get("global_step")}
+    return {"epoch": int(stored["epoch"]), "global_step": int(stored["global_step"])}
 
 
 def cpu_model() -> str | None:

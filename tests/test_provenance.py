@@ -385,3 +385,15 @@ def test_a_real_run_records_what_reproduces_it(tiny_config, tmp_path):
     assert (metrics["checkpoint_epoch"], metrics["checkpoint_global_step"]) == tuple(tested.values())
     # The whole process (here: pytest's) is older than the run itself.
     assert record["performance"]["process_wall_time_s"] >= record["wall_time_s"]
+
+
+def test_without_a_hold_out_the_final_weights_are_tested_and_recorded(tiny_config):
+    cfg = tiny_config("data.val_identities=0", "trainer.max_epochs=2")
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["tested_checkpoint"] == {"epoch": 1, "global_step": last["global_step"]}
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["checkpoint"] == "final weights (no validation hold-out)"
+    assert (metrics["checkpoint_epoch"], metrics["checkpoint_global_step"]) == (1, last["global_step"])
