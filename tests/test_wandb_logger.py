@@ -103,6 +103,11 @@ def test_the_group_is_the_method_on_its_dataset(tiny_config):
     groups = {method_group(tiny_config(*overrides))[0] for overrides in other}
     assert len(groups) == len(other) and group not in groups
 
+    # Table III rows 1-5 all train without a regularizer: each row is a group of its own, none is "none".
+    rows = [f"experiment=table3_{row}" for row in ("1_minimal", "2_triplet", "3_regional", "4_erasing")]
+    row_groups = [method_group(tiny_config(row, "backbone=test_resnet"))[0] for row in rows]
+    assert len(set(row_groups)) == len(rows) and all(g.startswith("synthetic/none/") for g in row_groups)
+
 
 def test_finished_run_is_grouped_tagged_and_says_finished(monkeypatch, tmp_path, tiny_config, capfd):
     _offline_without_credentials(monkeypatch, tmp_path)
