@@ -11,12 +11,14 @@ parent of several):
   ``--seed``; ``reidreg.reporting.bootstrap``), and the cost (``reidreg.reporting.table``);
 - ``map.png`` and, for adaptive L2, ``lambda_median_<method>_<dataset>.png`` (``reidreg.reporting.plots``).
 
-The Markdown report is also printed. Runs that did not finish (failed, diverged or interrupted
-according to their ``run.json``, or without ``test_metrics.json``) are counted in their method's row,
-listed with their logs, and never averaged; jobs of a multirun that never started are listed too; so
-are differences between methods other than the method itself. The report warns when the runs compared
-differ in their environment (software, code version, precision, device, dataset;
-``reidreg.reporting.environment``).
+The Markdown report is also printed. Runs that did not finish (failed, diverged or interrupted according to
+their ``run.json``, or without ``test_metrics.json``) are counted in their method's row, listed with their
+logs and never averaged; jobs of a multirun that never started are listed too; so are differences between
+methods other than the method itself. The table shows each method's training speed and peak memory
+(``run.json``), and the report warns when the runs compared differ in their environment (software, code
+version, numerics; ``reidreg.reporting.environment``). Runs of one dataset that differ in its content, in
+precision or in device class are refused, in one message naming the runs and the field, unless ``--allow-
+mixed`` is given (the report then says so above the table).
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from reidreg.errors import ConfigError
 from reidreg.reporting.bootstrap import DEFAULT_SAMPLES
-from reidreg.reporting.environment import environment_differences, shared_environment, without_provenance
+from reidreg.reporting.environment import (
+    environment_differences,
+    mixed_runs,
+    mixing_refusal,
+    shared_environment,
+    without_provenance,
+)
 from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
 from reidreg.reporting.table import Row, build_rows
@@ -101,11 +110,19 @@ def render(
     paths: list[Path],
     alpha: float,
     describe: Callable[[Run], str],
+    mixed: list[str] | None = None,
 ) -> str:
     sections = [
         f"# Comparison of {len(study.finished)} finished runs ({len(study.runs)} launched)\n",
         "Runs gathered from " + ", ".join(f"`{path}`" for path in paths) + ".\n",
     ]
+    if mixed:
+        sections.append(
+            "**Mixed comparison (--allow-mixed): these runs measured different things.** Differences in "
+            "the table may come from these rather than from the methods:\n"
+        )
+        sections += [f"- {line}" for line in mixed]
+        sections.append("")
     differences = environment_differences(study.finished, describe)
     if differences:
         sections.append(
@@ -153,8 +170,13 @@ def report(
     plots: bool = True,
     seed: int = 0,
     samples: int = DEFAULT_SAMPLES,
+    allow_mixed: bool = False,
 ) -> tuple[str, list[Path]]:
-    """Write the report of the runs under ``paths``; returns its Markdown text and the files written."""
+    """Write the report of the runs under ``paths``; returns its Markdown text and the files written.
+
+    ``ConfigError`` before anything is written when runs of one dataset differ in what they measure
+    (``reidreg.reporting.environment.mixed_runs``), unless ``allow_mixed``.
+    """
     study = gather(paths)
     if not study.runs:
         raise FileNotFoundError(f"no run directory (config.yaml, test_metrics.json or .hydra/) under {paths}")
@@ -178,7 +200,10 @@ def report(
         where = run.run_dir.relative_to(common) if run.run_dir != common else Path(run.run_dir.name)
         return f"`{where}` ({labels[id(run)]}, seed {run.seed})"
 
-    text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe)
+    mixed = mixed_runs(finished, describe)
+    if mixed and not allow_mixed:
+        raise ConfigError(mixing_refusal(mixed))
+    text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe, mixed=mixed)
 
     out_dir = out_dir or common
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_SAMPLES,
         help=f"bootstrap replicates (default {DEFAULT_SAMPLES})",
     )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="compare runs that differ in dataset content, precision or device class (marked in the report)",
+    )
     args = parser.parse_args(argv)
     if args.bootstrap_samples < 100:
         parser.error(f"--bootstrap-samples must be at least 100 (got {args.bootstrap_samples})")
@@ -223,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             plots=not args.no_plots,
             seed=args.seed,
             samples=args.bootstrap_samples,
+            allow_mixed=args.allow_mixed,
         )
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(text)

@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from scipy import stats as scipy_stats
 
+from reidreg.errors import ConfigError
 from reidreg.report import main, report
 from reidreg.reporting.gather import Run, expected_jobs, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
@@ -642,26 +644,32 @@ def write_run_json(
     return run_dir
 
 
-def test_runs_in_different_precisions_are_reported_with_a_warning_naming_the_field(tmp_path, provenance):
+def test_runs_in_different_precisions_are_refused_unless_mixing_is_allowed(tmp_path, provenance):
     # Two quickstart-like runs of the baseline, one in 32-bit, one in bf16 mixed precision.
     quickstart = {"trainer.max_epochs": 15, "backbone.name": "test_resnet"}
     a = make_run(tmp_path / "a", seed=0, mAP=0.5997, config=quickstart)
     b = make_run(tmp_path / "b", seed=1, mAP=0.5914, config=quickstart)
     write_run_json(a, provenance)
     write_run_json(b, provenance, changes={"precision": "bf16-mixed"})
-    text, _ = report([a, b], plots=False)
-    assert (
-        "- synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); "
+    difference = (
+        "synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); "
         "bf16-mixed (1 run: `b` (none, seed 1))"
-    ) in text
-    assert text.index("Warning: the runs compared differ") < text.index("| method |")  # above the table
+    )
+    with pytest.raises(ConfigError, match=re.escape(difference)):
+        report([a, b], plots=False)
+    assert not (tmp_path / "report.md").exists()  # refused before writing anything
+
+    text, _ = report([a, b], plots=False, allow_mixed=True)
+    assert f"- {difference}" in text
+    assert text.index("Mixed comparison (--allow-mixed)") < text.index("| method |")  # above the table
     shared = text.split("Shared by every run compared that has a run.json: ")[1].split("\n")[0]
     assert f"torch {provenance['versions']['torch']}" in shared and "precision 32-true" not in shared
-    assert "| none | synthetic | 2/2 | 59.55 ± 0.59 | baseline |" in text  # still reported, with the warning
+    assert "| none | synthetic | 2/2 | 59.55 ± 0.59 | baseline |" in text  # reported, marked as mixed
 
-    # The same environment: no warning.
+    # The same environment: no refusal, no warning.
     write_run_json(b, provenance)
-    assert "Warning" not in report([a, b], plots=False)[0]
+    text, _ = report([a, b], plots=False)
+    assert "Warning" not in text and "Mixed" not in text and "precision 32-true" in text
 
 
 def test_fields_that_split_the_runs_alike_share_one_warning(tmp_path, provenance):
@@ -824,24 +832,27 @@ def test_diverged_failed_and_interrupted_runs_are_listed_and_never_averaged(tmp_
     ] == [("none", "1", "1", "7", "50.0000")]
 
 
-def test_report_cli_warns_about_precision(tmp_path, provenance):
-    """``python -m reidreg.report`` as typed: the warning is printed and written."""
+def test_report_cli_refuses_mixed_precisions_unless_allowed(tmp_path, provenance):
+    """``python -m reidreg.report`` as typed: one error line naming the field and the runs, nothing
+    written; with ``--allow-mixed`` the difference is printed and written above the table."""
     import subprocess
     import sys
 
     write_run_json(make_run(tmp_path / "a", seed=0, mAP=0.60), provenance)
     write_run_json(make_run(tmp_path / "b", seed=1, mAP=0.59), provenance, changes={"precision": "16-mixed"})
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "reidreg.report", str(tmp_path), "--no-plots"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = [sys.executable, "-m", "reidreg.report", str(tmp_path), "--no-plots"]
+    refused = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    line = "synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); 16-mixed (1 run: `b`"
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.splitlines()) == 1 and line in refused.stderr
+    assert not (tmp_path / "report.md").exists()
+
+    allowed = [*command, "--allow-mixed"]
+    result = subprocess.run(allowed, cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    line = "- synthetic: runs differ in precision: 32-true (1 run: `a` (none, seed 0)); 16-mixed (1 run: `b`"
-    assert line in result.stdout and line in (tmp_path / "report.md").read_text()
+    assert f"- {line}" in result.stdout and f"- {line}" in (tmp_path / "report.md").read_text()
+    assert "Mixed comparison (--allow-mixed)" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------ real runs

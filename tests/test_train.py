@@ -62,13 +62,18 @@ def test_full_run_writes_config_metrics_checkpoints_and_test_json(tiny_config):
     assert record["performance"]["peak_memory_mib"] > 0
 
 
-def test_the_report_warns_when_runs_differ_in_precision(tmp_path, tiny_config):
-    """Issue "comparisons that carry their provenance": two real runs in two precisions, reported together."""
+def test_the_report_refuses_runs_in_two_precisions_unless_mixing_is_allowed(tmp_path, tiny_config):
+    """Two real runs in two precisions: not comparable, unless asked for (and then marked)."""
+    from reidreg.errors import ConfigError
     from reidreg.report import report
 
     for precision in ("32", "bf16-mixed"):
         train(tiny_config(f"trainer.precision={precision}", f"paths.output_dir={tmp_path / precision}"))
-    text, _ = report([tmp_path / "32", tmp_path / "bf16-mixed"], out_dir=tmp_path / "report", plots=False)
+    runs = [tmp_path / "32", tmp_path / "bf16-mixed"]
+    with pytest.raises(ConfigError, match="runs differ in precision: 32-true .*; bf16-mixed"):
+        report(runs, out_dir=tmp_path / "report", plots=False)
+    text, _ = report(runs, out_dir=tmp_path / "report", plots=False, allow_mixed=True)
+    assert "Mixed comparison (--allow-mixed)" in text
     assert "runs differ in precision: 32-true" in text and "bf16-mixed" in text
 
 

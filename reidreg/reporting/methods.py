@@ -10,9 +10,12 @@ A method is what a run trains, apart from its seed. Its name is built from the r
    never averaged together as if they were seeds.
 
 Settings that do not change what is trained are ignored: the seed and every value that always equals it
-(e.g. ``data.seed: ${seed}``), paths, loggers and run-directory settings. Settings that differ *between*
-methods on one dataset beyond their regularizer (or preset) are not part of the name but are reported by
-``comparability_notes``: a table is only a fair comparison if those are intended.
+(e.g. ``data.seed: ${seed}``), and every operational option (``reidreg.experiment``, the definition resume
+uses too: paths, loggers, progress display, loader workers, checkpoint cadence, ...), so that a run with
+another ``progress.throughput_warmup_steps`` is one more seed of the same method, not a method of its own.
+Settings that differ *between* methods on one dataset beyond their regularizer (or preset) are not part of
+the name but are reported by ``comparability_notes``: a table is only a fair comparison if those are
+intended.
 """
 
 from __future__ import annotations
@@ -22,22 +25,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from reidreg.experiment import method_settings
 from reidreg.reporting.gather import Run
 from reidreg.utils.config import flatten
 
 UNSET = "unset"  # shown for a key that a run's config does not have
-IGNORED_PREFIXES = ("paths.", "logger.", "hydra.")
-IGNORED_KEYS = frozenset(
-    {
-        "seed",
-        "ckpt_path",
-        "data.root",
-        "data.num_workers",
-        "trainer.default_root_dir",
-        "trainer.enable_progress_bar",
-        "trainer.enable_model_summary",
-    }
-)
 
 
 def flatten_as_json(config: dict[str, Any]) -> dict[str, str]:
@@ -62,11 +54,8 @@ def _seed_derived_keys(runs: list[Run], flats: list[dict[str, str]]) -> set[str]
 def settings(runs: list[Run]) -> list[dict[str, str]]:
     """Every run's flattened config without the keys that do not change what is trained."""
     flats = [flatten_as_json(run.config) for run in runs]
-    ignored = IGNORED_KEYS | _seed_derived_keys(runs, flats)
-    return [
-        {k: v for k, v in flat.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)}
-        for flat in flats
-    ]
+    seed_derived = _seed_derived_keys(runs, flats)
+    return [method_settings(flat, seed_derived) for flat in flats]
 
 
 def _varying(flats: Iterable[dict[str, str]]) -> set[str]:

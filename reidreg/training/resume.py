@@ -5,8 +5,8 @@ the config of the resumed run from it:
 
 * ``python -m reidreg.train ckpt_path=<run>/checkpoints/last.ckpt`` alone continues the stored experiment
   (backbone, regularizers, data, ...) in its own run directory, whatever the defaults of ``conf/`` say;
-* an override that sets an *operational* option (``OPERATIONAL``: devices, workers, loggers, paths,
-  progress display, ``trainer.max_epochs`` to extend the run, ...) is applied;
+* an override that sets an operational option (``reidreg.experiment``: devices, workers, loggers, paths,
+  progress display, ...) or lengthens the run (``trainer.max_epochs``) is applied;
 * an override equal to the checkpoint's value is accepted;
 * any other override would change the experiment (regularizer, backbone, dataset, data, loss, optim, model,
   seed, ...) and is refused, in one line listing the keys with their checkpoint and requested values.
@@ -31,48 +31,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from reidreg.errors import ConfigError
+from reidreg.experiment import resume_may_change
 from reidreg.utils.config import flatten
-
-#: Options a resumed run may change: where and how it runs, not what it computes.
-OPERATIONAL = (
-    "ckpt_path",
-    "test",
-    "paths",
-    "logger",
-    "hydra",
-    "progress",
-    "checkpoint.every_n_steps",
-    "checkpoint.signals",
-    "checkpoint.requeue",
-    "divergence",
-    "data.num_workers",
-    "data.batch_size_test",
-    "data.verify_images",
-    "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.strategy",
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.max_time",
-    "trainer.log_every_n_steps",
-    "trainer.enable_model_summary",
-    "trainer.default_root_dir",
-    "trainer.fast_dev_run",
-    "trainer.limit_train_batches",
-    "trainer.limit_val_batches",
-    "trainer.limit_test_batches",
-    "evaluation.rerank",
-)
 
 #: Config groups whose members are nodes of their own: the selected set is part of the experiment.
 MEMBER_GROUPS = ("regularizer",)
 
 MISSING = object()
-
-
-def is_operational(key: str) -> bool:
-    return any(key == prefix or key.startswith(prefix + ".") for prefix in OPERATIONAL)
 
 
 def _under(keys: Sequence[str], touched: set[str]) -> set[str]:
@@ -135,7 +100,7 @@ def resumed_config(
         value, original = requested.get(key, MISSING), stored.get(key, MISSING)
         if value == original or (original is MISSING and _is_new_option(key, stored)):
             continue
-        if not is_operational(key):
+        if not resume_may_change(key):
             conflicts.append(key)
         elif value is not MISSING:
             result[key] = value

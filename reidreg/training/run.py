@@ -24,7 +24,15 @@ from pytorch_lightning.loggers import WandbLogger
 from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
 from reidreg.existing_run import finished_message, finished_results
 from reidreg.models import build_reid_model
-from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
+from reidreg.provenance import (
+    DatasetSummary,
+    collect_provenance,
+    process_wall_time_s,
+    provenance_for_wandb,
+    save_source_patch,
+    source_state,
+    tested_checkpoint,
+)
 from reidreg.regularizers import TrainingPlan, build_regularizers
 from reidreg.run_dir import (
     STORED_CONFIG_KEY,
@@ -49,7 +57,7 @@ from reidreg.training.run_record import RunRecord
 from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
 from reidreg.utils.config import flatten, instantiate
-from reidreg.utils.loggers import build_loggers
+from reidreg.utils.loggers import build_loggers, finish_wandb
 
 log = logging.getLogger(__name__)
 # Emitted by Lightning's own code under torch >= 2.10 at every step; nothing a user can act on.
@@ -238,14 +246,16 @@ def train_and_test(
         datamodule.verify_images()  # every image decodes: fail now, not hours in
 
     record = RunRecord(run_dir)
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
     if trainer.is_global_zero:
-        provenance = run_provenance(cfg, datamodule, trainer)
+        provenance, patch = run_provenance(cfg, datamodule, trainer, config_text)
         if ckpt_path is not None:  # a run never continues on other data
             record.check_same_data(provenance)
     run_dir.mkdir(parents=True, exist_ok=True)
     continue_logging_in(run_dir)
-    atomic_write(RunDir(run_dir).config, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(RunDir(run_dir).config, config_text)
     if trainer.is_global_zero:
+        save_source_patch(RunDir(run_dir).patch, patch, resumed=ckpt_path is not None)
         record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -266,16 +276,21 @@ def train_and_test(
                 if isinstance(error, ReIDRegError)
                 else f"{type(error).__name__}: {one_line(error)}"
             )
-            record.finish(status, reason=reason, performance=throughput_of(trainer).summary())
+            performance = run_cost(trainer)
+            record.finish(status, reason=reason, performance=performance)
+            finish_wandb(trainer.loggers, status, performance)
         if isinstance(error, RunInterrupted):
             raise error from None
         raise
     if trainer.is_global_zero:
-        performance = throughput_of(trainer).summary()
+        performance = run_cost(trainer)
+        if "checkpoint_epoch" in results:
+            record.data["tested_checkpoint"] = {
+                "epoch": results["checkpoint_epoch"],
+                "global_step": results["checkpoint_global_step"],
+            }
         record.finish("finished", performance=performance)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update(provenance_for_wandb({}, performance))
+        finish_wandb(trainer.loggers, "finished", performance)
     return results
 
 
@@ -304,6 +319,12 @@ def fit_and_test(
             results.update({f"test/{key}": float(tested[key]) for key in REPORTED_METRICS})
             results.update(num_valid_queries=tested["num_valid_queries"], num_queries=tested["num_queries"])
             tested["per_query"].save(RunDir(run_dir).per_query)
+            tested_weights = tested_checkpoint(
+                best_path, epoch=trainer.current_epoch - 1, global_step=trainer.global_step
+            )
+            results.update(
+                checkpoint_epoch=tested_weights["epoch"], checkpoint_global_step=tested_weights["global_step"]
+            )
             atomic_write(
                 RunDir(run_dir).test_metrics,
                 json.dumps({**results, "checkpoint": str(checkpoint)}, indent=2) + "\n",
@@ -323,22 +344,36 @@ def fit_and_test(
     return results
 
 
-def run_provenance(cfg: DictConfig, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
-    """What produced this run (``reidreg.provenance``); after the Trainer set the numerics up."""
+def run_provenance(
+    cfg: DictConfig, datamodule: Any, trainer: pl.Trainer, config_text: str
+) -> tuple[dict[str, Any], bytes | None]:
+    """What produced this run (``reidreg.provenance``), after the Trainer set the numerics up, and the
+    patch of its uncommitted source changes (None for a clean tree), to be saved as ``source.patch``."""
     dataset = DatasetSummary.of(
         datamodule.dataset,
         train=datamodule.train_samples,
         val_query=datamodule.val_query,
         val_gallery=datamodule.val_gallery,
         options=OmegaConf.to_container(cfg.dataset.options),
+        content_hash=getattr(datamodule, "content_hash", None),  # from the image check, when it ran
     )
-    return collect_provenance(
+    source = source_state()
+    provenance = collect_provenance(
         cfg,
         dataset=dataset,
         precision=str(trainer.precision),
         device=trainer.strategy.root_device,
         num_devices=trainer.world_size,
+        config_text=config_text,
+        source=source,
     )
+    return provenance, source.patch
+
+
+def run_cost(trainer: pl.Trainer) -> dict[str, Any]:
+    """run.json's ``performance``: the training speed and memory, and the whole process's wall time
+    (imports, data generation and the image check included)."""
+    return {**throughput_of(trainer).summary(), "process_wall_time_s": process_wall_time_s()}
 
 
 def throughput_of(trainer: pl.Trainer) -> ThroughputMonitor:
