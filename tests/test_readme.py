@@ -12,11 +12,14 @@ The convention (an HTML comment on the line right before the block; invisible on
                                               composes, every override names an existing option or group;
                                               a `-m` sweep is checked with the first value of each list),
                                               `--help` for `reidreg.report` and scripts; other programs
-                                              (make, pip, wandb, mkdir) and `python -c` are not run
+                                              (make, pip, wandb, mkdir) and `python -c` are not run;
+                                              a `<placeholder>` is given its name as a stand-in value
     <!-- readme-test: skip: REASON -->        not run at all (installs, the test suite itself, a GPU,
                                               SLURM, a W&B account, real datasets); the reason is required
 
-and ``slow`` after the mode (``run slow: ...``) marks a block for ``make test-slow`` only.
+and ``slow`` after the mode (``run slow: ...``) marks a block for ``make test-slow`` only. A ``run`` block
+is also checked in ``compose`` mode, so that the fast suite checks its commands even when it does not run
+them.
 
 How commands run: lines ending in ``\\`` are joined; ``python`` and ``.venv/bin/python`` become this test's
 interpreter with this checkout on ``PYTHONPATH``; each command runs with bash in one scratch folder shared
@@ -176,16 +179,24 @@ def scratch(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(
-    "block",
-    [pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.slow else []) for b in BLOCKS],
-)
-def test_readme_block(block: Block, scratch: Path) -> None:
-    if block.mode == "skip":
+def _checks(blocks: list[Block]) -> list:
+    """One check per block in its own mode; a ``run`` block is also composed, so that the fast suite checks
+    its commands even when the run itself is ``slow``."""
+    checks = []
+    for block in blocks:
+        if block.mode == "run":
+            checks.append(pytest.param(block, "compose", id=f"{block.id}-compose"))
+        checks.append(pytest.param(block, block.mode, id=block.id, marks=[pytest.mark.slow] * block.slow))
+    return checks
+
+
+@pytest.mark.parametrize(("block", "mode"), _checks(BLOCKS))
+def test_readme_block(block: Block, mode: str, scratch: Path) -> None:
+    if mode == "skip":
         pytest.skip(block.text)
     checked = 0
     for command in block.commands:
-        if block.mode == "compose":
+        if mode == "compose":
             command = compose_form(command)
             if command is None:
                 continue
@@ -194,10 +205,9 @@ def test_readme_block(block: Block, scratch: Path) -> None:
             command, cwd = _resolve_placeholders(_with_overrides(command, block.text), scratch), scratch
         done = _run(command, cwd)
         checked += 1
-        output = (done.stdout + done.stderr).strip().splitlines()
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         assert done.returncode == 0, (
-            f"README.md line {block.line}: `{command}` exited {done.returncode}:\n"
-            + ("\n".join(output[-15:]))
+            f"README.md line {block.line}: `{command}` exited {done.returncode}:\n{tail}"
         )
     if checked == 0:
         pytest.skip("nothing to check in compose mode (no python command)")
