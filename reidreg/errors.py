@@ -36,6 +36,12 @@ class RunInterrupted(RunStopped):
     exit_code = 4
 
 
+class WriteFailed(RunStopped):
+    """A file of the run could not be written (disk full, quota, permissions); the message names it."""
+
+    exit_code = 1
+
+
 # torch.utils.data re-raises an error of a loader worker (or of the pin-memory thread) in the main process
 # as a new exception of the same type whose message is "Caught <Type> in <where>.\nOriginal " followed by
 # the worker's formatted traceback (torch._utils.ExceptionWrapper.reraise).

@@ -680,9 +680,28 @@ class ValidateBeforeRun(Callback):
                 problems.append(_output_dir_problem(run_dir, "hydra.run.dir"))
         problems += _CONFIG_PROBLEMS[self.task](task_cfg) + _path_problems(task_cfg, output_option)
         _exit_if_any(problems)
+        if self.task == "train":
+            _exit_if_run_dir_taken(str(task_cfg.paths.output_dir), task_cfg)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _exit_if_any([_output_dir_problem(str(config.hydra.sweep.dir), "hydra.sweep.dir")])
+
+
+def _exit_if_run_dir_taken(run_dir: str, cfg: DictConfig) -> None:
+    """A live run there: refused (status 2); this experiment's finished run: said, status 0 (see
+    ``reidreg.existing_run``). Either way before Hydra writes into the directory."""
+    from reidreg.existing_run import check_before_start
+    from reidreg.run_dir import is_secondary_process
+
+    if is_secondary_process():
+        return
+    try:
+        finished = check_before_start(run_dir, cfg)
+    except ConfigError as error:
+        _exit_if_any([str(error)])
+    if finished:
+        print(finished)
+        sys.exit(0)
 
 
 def _exit_if_any(problems: list[str | None]) -> None:

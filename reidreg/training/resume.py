@@ -10,6 +10,10 @@ the config of the resumed run from it:
 * an override equal to the checkpoint's value is accepted;
 * any other override would change the experiment (regularizer, backbone, dataset, data, loss, optim, model,
   seed, ...) and is refused, in one line listing the keys with their checkpoint and requested values.
+  The set of regularizers is compared as a whole: adding (``regularizer=[constant_l2,sgsl]``), removing
+  (``regularizer=none``) or swapping one is refused, whatever the options of each;
+* the number of processes (``trainer.devices`` × ``trainer.num_nodes``) must stay the same: the global
+  batch is P × K images per process, so another topology would be another experiment (refused).
 
 Which keys an override touches: a ``key=value`` override touches ``key``; a config-group override
 (``regularizer=sgsl``, ``experiment=quickstart``) touches every key whose composed value changes when the
@@ -61,6 +65,9 @@ OPERATIONAL = (
     "evaluation.rerank",
 )
 
+#: Config groups whose members are nodes of their own: the selected set is part of the experiment.
+MEMBER_GROUPS = ("regularizer",)
+
 MISSING = object()
 
 
@@ -87,10 +94,12 @@ def touched_keys(overrides: Sequence[str], compose: Any, requested: Mapping[str,
         if name in ("ckpt_path",) or name.startswith("hydra"):
             continue
         if override.package is None and _is_group(name):
-            rest = [o for o in overrides if o != text]
+            # Without the group, the overrides of keys inside it have nothing to set: they go too (the keys
+            # they set are touched by them anyway).
+            rest = [o for o in overrides if o != text and not o.lstrip("+~").startswith(f"{name}.")]
             without = compose([*rest, f"~{name}"])
             full = compose(list(overrides))
-            touched |= {
+            touched |= {name} | {
                 k for k in set(full) | set(without) if full.get(k, MISSING) != without.get(k, MISSING)
             }
         else:
@@ -132,11 +141,27 @@ def resumed_config(
             result[key] = value
         elif overrides is None:  # the given config is the whole request: an option it lacks is unset
             result.pop(key, None)
+    conflicts += [group for group in MEMBER_GROUPS if _members(requested, group) != _members(stored, group)]
+    if world_size(requested) != world_size(stored):
+        conflicts += [
+            key for key in ("trainer.devices", "trainer.num_nodes") if key in stored or key in requested
+        ]
     if conflicts:
-        raise ConfigError(conflict_message(cfg.get("ckpt_path"), conflicts, requested, stored))
+        raise ConfigError(conflict_message(cfg.get("ckpt_path"), sorted(set(conflicts)), requested, stored))
     # Options that did not exist when the checkpoint was made take their requested (default) values.
     result.update({key: value for key, value in requested.items() if _is_new_option(key, stored)})
     return OmegaConf.create(unflatten(result))
+
+
+def _members(leaves: Mapping[str, Any], group: str) -> set[str]:
+    """The selected members of a member group (``{constant_l2, sgsl}``) in a flattened config."""
+    return {key.split(".")[1] for key in leaves if key.startswith(group + ".")}
+
+
+def world_size(leaves: Mapping[str, Any]) -> Any:
+    """Processes of a run (devices per node × nodes); a non-integer device spec (``auto``) stays as it is."""
+    devices, nodes = leaves.get("trainer.devices", 1), leaves.get("trainer.num_nodes", 1) or 1
+    return devices * nodes if isinstance(devices, int) and devices > 0 else (devices, nodes)
 
 
 def _is_new_option(key: str, stored: Mapping[str, Any]) -> bool:
@@ -158,9 +183,10 @@ def conflict_message(
     listed = "; ".join(
         f"{key}: checkpoint {_show(old)}, requested {_show(new)}" for key, (old, new) in shown.items()
     )
+    subject = f"ckpt_path={ckpt_path} continues the checkpoint's experiment" if ckpt_path else "it is"
     return (
-        f"ckpt_path={ckpt_path} continues the checkpoint's experiment, but these options would change it: "
-        f"{listed}. Drop those overrides to resume, or start a new run without ckpt_path."
+        f"{subject}, but these options would change it: {listed}. Drop those overrides to resume, or start "
+        "a new run (its own directory, no ckpt_path)."
     )
 
 

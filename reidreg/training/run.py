@@ -22,10 +22,19 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
+from reidreg.existing_run import finished_message, finished_results
 from reidreg.models import build_reid_model
 from reidreg.provenance import DatasetSummary, collect_provenance, provenance_for_wandb
 from reidreg.regularizers import TrainingPlan, build_regularizers
-from reidreg.run_dir import BEST, STORED_CONFIG_KEY, RunDir, atomic_write, read_checkpoint
+from reidreg.run_dir import (
+    BEST,
+    STORED_CONFIG_KEY,
+    RunDir,
+    RunLock,
+    atomic_write,
+    is_secondary_process,
+    read_checkpoint,
+)
 from reidreg.training.checkpointing import AtomicCheckpointIO, ResumePoint
 from reidreg.training.divergence import DivergenceGuard
 from reidreg.training.module import REPORTED_METRICS, ReIDModule
@@ -40,7 +49,7 @@ from reidreg.training.resume import resumed_config
 from reidreg.training.run_record import RunRecord
 from reidreg.training.summary import log_run_summary
 from reidreg.training.throughput import ThroughputMonitor
-from reidreg.utils.cli import continue_logging_in, print_metrics_table
+from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
 from reidreg.utils.config import instantiate
 from reidreg.utils.loggers import build_loggers
 
@@ -183,6 +192,21 @@ def run_training(
     """Train and (unless ``cfg.test`` is false) test; returns the test metrics and ``val/best_mAP``."""
     cfg, ckpt_path, resume_step = resolve_resume(cfg, overrides, compose)
     run_dir = Path(cfg.paths.output_dir)
+    finished = finished_results(run_dir, cfg)
+    if finished is not None:  # e.g. a multirun relaunched into its sweep folder: this job is done
+        log.info(finished_message(run_dir, finished))
+        remove_unused_run_dir()  # the folder Hydra made for this command, if it is not the run's
+        return finished
+    if is_secondary_process():  # a rank started for DDP: rank 0 holds the directory
+        return train_and_test(cfg, run_dir, ckpt_path, resume_step)
+    with RunLock(run_dir):  # one live run per directory
+        return train_and_test(cfg, run_dir, ckpt_path, resume_step)
+
+
+def train_and_test(
+    cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_step: int | None
+) -> dict[str, float]:
+    """Build and check everything, then record, fit, test and record (the run directory is ours)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Built and checked before the run directory gets anything: bad input fails here, in one line.
@@ -217,12 +241,15 @@ def run_training(
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks started by Lightning rely on the first one
         datamodule.verify_images()  # every image decodes: fail now, not hours in
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    continue_logging_in(run_dir)
-    atomic_write(RunDir(run_dir).config, OmegaConf.to_yaml(cfg, resolve=True))
     record = RunRecord(run_dir)
     if trainer.is_global_zero:
         provenance = run_provenance(cfg, datamodule, trainer)
+        if ckpt_path is not None:  # a run never continues on other data
+            record.check_same_data(provenance)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    continue_logging_in(run_dir)
+    atomic_write(RunDir(run_dir).config, OmegaConf.to_yaml(cfg, resolve=True))
+    if trainer.is_global_zero:
         record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

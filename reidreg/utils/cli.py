@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from reidreg.errors import ReIDRegError, message_of
+from reidreg.run_dir import LOCK_FILE
 from reidreg.utils.console import FILE_ONLY_LOGGER
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,12 @@ def run_cli(task: Callable[..., Any], cfg: Any, **kwargs: Any) -> Any:
 
 
 def remove_unused_run_dir() -> None:
-    """Delete Hydra's run directory if it holds nothing but Hydra's own files (``.hydra/``, the job log)."""
+    """Delete Hydra's run directory if it holds nothing but Hydra's own files (``.hydra/``, the job log)
+    and the lock of a run that never began."""
     if not HydraConfig.initialized():
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log", LOCK_FILE}
     if run_dir.is_dir() and {path.name for path in run_dir.iterdir()} <= hydra_files:
         shutil.rmtree(run_dir, ignore_errors=True)
 
