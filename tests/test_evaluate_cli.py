@@ -80,3 +80,18 @@ def test_attacked_queries_do_not_score_above_clean_ones(tmp_path, trained_checkp
     clean, attacked = results["attack"]["clean"], results["attack"]["attacked"]
     assert clean["mAP"] == pytest.approx(train_results["test/mAP"], abs=1e-6)
     assert attacked["mAP"] <= clean["mAP"]
+
+
+def test_attack_with_rerank_reranks_both_tables_and_says_so(tmp_path, trained_checkpoint, caplog):
+    checkpoint, _ = trained_checkpoint
+    overrides = (f"ckpt_path={checkpoint}", "attack=fgsm", "attack.eps=0.03", "rerank=true")
+    with caplog.at_level("INFO", logger="reidreg.utils.cli"):
+        results = evaluate_checkpoint(_evaluate_config(tmp_path, *overrides))
+    assert results["attack"]["rerank"] is True
+    assert results["attack"]["clean"]["mAP"] == pytest.approx(results["test/mAP"], abs=1e-6)  # re-ranked too
+    titles = [r.getMessage().splitlines()[0] for r in caplog.records if r.name == "reidreg.utils.cli"]
+    assert titles == [
+        "synthetic → synthetic (re-ranked)",
+        "clean queries (fgsm, eps=0.0300, re-ranked)",
+        "attacked queries (fgsm, eps=0.0300, re-ranked)",
+    ]

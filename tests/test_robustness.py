@@ -130,3 +130,18 @@ def test_attack_configs_build(name):
     attack = build_attack(**OmegaConf.to_container(config))
     assert attack.eps == pytest.approx(8 / 255, abs=1e-6) and attack.random_start
     assert attack.steps * attack.step_size >= attack.eps  # the steps can reach the boundary of the ball
+
+
+def test_rerank_applies_to_the_clean_and_the_attacked_queries(problem):
+    model, loader = problem
+    model.eval()
+    images, pids, camids, is_query = (torch.cat(parts) for parts in zip(*loader, strict=True))
+    features = model.extract_features(images, flip=True)
+    labels = (pids[is_query], pids[~is_query], camids[is_query], camids[~is_query])
+    plain = evaluate(features[is_query], features[~is_query], *labels)
+    reranked = evaluate(features[is_query], features[~is_query], *labels, rerank=True)
+    assert reranked["mAP"] != pytest.approx(plain["mAP"])  # re-ranking changes this problem's ranking
+    zero = LinfAttack(eps=0.0, step_size=0.01, steps=1, random_start=True)
+    results = evaluate_robustness(model, loader, zero, rerank=True)
+    assert results["clean"]["mAP"] == pytest.approx(reranked["mAP"])
+    assert results["attacked"] == results["clean"]

@@ -40,6 +40,7 @@ import errno
 import fcntl
 import functools
 import json
+import logging
 import os
 import shutil
 import time
@@ -51,6 +52,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from reidreg.data.datasets import MARKET_SUBFOLDERS
+
+log = logging.getLogger(__name__)
 
 # Part of the folder name: bump it whenever the drawn images change, so that stale data is not reused.
 GENERATOR_VERSION = 1
@@ -728,6 +731,7 @@ def generate_synthetic(
     out_dir = Path(out_dir).expanduser().absolute()
     if is_complete(out_dir):
         return out_dir
+    new_parent = not out_dir.parent.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")) as locked:
         if is_complete(out_dir):  # another generator finished while we waited for the lock
@@ -745,7 +749,19 @@ def generate_synthetic(
             _publish(temporary, out_dir)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)  # still there only if we failed or lost the race
+    log.info(_generated_note(out_dir, options, new_parent))
     return out_dir
+
+
+def _generated_note(folder: Path, options: SyntheticOptions, new_parent: bool) -> str:
+    """One line: where the dataset was generated, how big it is, and whether its parent folder is new."""
+    images = list(folder.rglob("*.jpg"))
+    megabytes = sum(path.stat().st_size for path in images) / 1e6
+    note = (
+        f"generated the synthetic dataset in {folder}: {len(images):,} images, {options.num_ids} identities "
+        f"(+ distractors and junk), {options.num_cameras} cameras, {megabytes:.1f} MB"
+    )
+    return note + (f"; {folder.parent} did not exist and was created" if new_parent else "")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -96,7 +96,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics["per_query"].save(RunDir(output_dir).per_query)
-    print_metrics_table(f"{results['trained_on']} → {dataset.name}", results, REPORTED_METRICS)
+    ranking = "re-ranked" if cfg.rerank else "no re-ranking"
+    print_metrics_table(f"{results['trained_on']} → {dataset.name} ({ranking})", results, REPORTED_METRICS)
 
     if cfg.ranked_list.num_queries:
         path = save_ranked_lists(
@@ -114,12 +115,16 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("attack"):
         attack = build_attack(**OmegaConf.to_container(cfg.attack))
         robustness = evaluate_robustness(
-            model, loader, attack, metric=cfg.metric, flip=cfg.flip, seed=cfg.seed
+            model, loader, attack, metric=cfg.metric, flip=cfg.flip, seed=cfg.seed, rerank=cfg.rerank
         )
-        results["attack"] = {"config": OmegaConf.to_container(cfg.attack), **robustness}
+        results["attack"] = {
+            "config": OmegaConf.to_container(cfg.attack),
+            "rerank": bool(cfg.rerank),
+            **robustness,
+        }
         for name in ("clean", "attacked"):
             print_metrics_table(
-                f"{name} queries ({cfg.attack.name}, eps={cfg.attack.eps:.4f})",
+                f"{name} queries ({cfg.attack.name}, eps={cfg.attack.eps:.4f}, {ranking})",
                 {f"{name}/{k}": v for k, v in robustness[name].items()},
                 REPORTED_METRICS,
             )

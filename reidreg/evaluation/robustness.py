@@ -11,7 +11,8 @@ with f(x) detached and f the deployed retrieval feature (concatenated embeddings
 flipped image's when ``flip``). This is the untargeted feature-space attack used against ReID models
 (e.g. Bai et al., "Adversarial metric attack and defense for person re-identification", TPAMI 2021); it
 needs no labels and attacks the ranking directly. The gallery stays clean. Both the clean and the attacked
-queries are evaluated against the same gallery with ``reidreg.evaluation.evaluate``.
+queries are evaluated against the same gallery with ``reidreg.evaluation.evaluate``, both with or both
+without k-reciprocal re-ranking (``rerank``), so that the clean table is the test table and the two compare.
 
 d has a zero gradient at δ = 0 (it is a minimum there), so the attack must start from a random point of
 the ball (``random_start``); the start is drawn from a generator seeded by ``seed``, so the evaluation is
@@ -74,14 +75,16 @@ def evaluate_robustness(
     flip: bool = True,
     max_rank: int = 50,
     seed: int = 0,
+    rerank: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Metrics with clean and with attacked queries: ``{"clean": {...}, "attacked": {...}}``.
 
     ``loader`` yields ``(images, pids, camids, is_query[, positions])`` batches of normalised query and
     gallery images (the datamodule's ``test_dataloader()``, whose ``positions`` give the canonical order the
     features are sorted back into); only the query images are attacked. Each inner dict has
-    ``mAP``, ``R1``, ``R5``, ``R10`` and ``mINP``. Runs on the model's device, in eval mode (the previous
-    mode is restored), and needs autograd: call it outside ``torch.inference_mode()``.
+    ``mAP``, ``R1``, ``R5``, ``R10`` and ``mINP``, both re-ranked when ``rerank``. Runs on the model's
+    device, in eval mode (the previous mode is restored), and needs autograd: call it outside
+    ``torch.inference_mode()``.
     """
     if attack.eps > 0 and not attack.random_start:
         raise ConfigError(
@@ -141,6 +144,7 @@ def evaluate_robustness(
                 label_tensors["g_camids"],
                 metric=metric,
                 max_rank=max_rank,
+                rerank=rerank,
             )
         )
         for kind in ("clean", "attacked")

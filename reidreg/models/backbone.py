@@ -5,26 +5,20 @@ Block 1 is the stem (conv1, bn1, act, maxpool), blocks 2–5 are ``layer1``–``
 stride-2 average pool of ``-d`` variants), which doubles the height and width of the last feature map.
 It is deliberately *not* timm's ``output_stride=16``, which dilates ``layer4`` and is a different network.
 
-Pretrained weights never download silently: ``pretrained=True`` needs either ``weights_file`` (a
-local timm/torchvision state dict) or an explicit ``allow_download=True``.
+Pretrained weights never download silently: ``pretrained=True`` reads ``weights_file`` (a local
+timm/torchvision state dict); ``allow_download=True`` downloads it there once (``reidreg.models.pretrained``).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-from reidreg.errors import ReIDRegError
+from reidreg.models.pretrained import BackboneError, pretrained_network
 
 # The only families whose block structure (stem + layer1..layer4) this module knows how to split.
 SUPPORTED_PREFIXES = ("resnet", "test_resnet", "seresnet", "resnext", "wide_resnet")
-
-
-class BackboneError(ReIDRegError):
-    """A backbone option is invalid (unknown name, missing weights file, ...)."""
 
 
 def _create_timm_model(
@@ -38,23 +32,7 @@ def _create_timm_model(
         )
     if not pretrained:
         return timm.create_model(name, pretrained=False)
-    if weights_file:
-        path = Path(weights_file).expanduser()
-        if not path.is_file():
-            raise BackboneError(
-                f"backbone.weights_file={str(path)!r} does not exist; point it at a local ImageNet "
-                f"state dict for {name} (e.g. the file of timm's '{name}' weights) or set "
-                "backbone.pretrained=false."
-            )
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    if not allow_download:
-        raise BackboneError(
-            f"backbone.pretrained=true but no backbone.weights_file is set for {name!r}, and downloads are "
-            "off. Either set backbone.weights_file=/path/to/weights (.pth/.bin/.safetensors state dict), "
-            "or allow a one-off download from the Hugging Face Hub with backbone.allow_download=true, "
-            "or train from scratch with backbone.pretrained=false."
-        )
-    return timm.create_model(name, pretrained=True)
+    return pretrained_network(name, weights_file=weights_file, allow_download=allow_download)
 
 
 def set_last_stride_one(layer4: nn.Sequential) -> None:

@@ -168,8 +168,9 @@ class ReIDModule(pl.LightningModule):
         results = metric.compute()
         metric.reset()
         scalars = {f"{prefix}/{key}": float(results[key]) for key in REPORTED_METRICS}
-        # Already gathered over ranks by the metric: identical on every rank, no further reduction.
-        self.log_dict(scalars, sync_dist=False)
+        # Gathered over ranks by the metric, so identical on every rank: "max" over ranks is that value
+        # exactly (a mean could round); unsynced epoch-level values make Lightning warn under DDP.
+        self.log_dict(scalars, sync_dist=True, reduce_fx="max")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(self.val_metric, batch)

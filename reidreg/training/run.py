@@ -54,6 +54,7 @@ from reidreg.training.performance import (
 from reidreg.training.progress import console_callbacks
 from reidreg.training.resume import resumed_config
 from reidreg.training.run_record import RunRecord
+from reidreg.training.summary import log_run_summary
 from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
 from reidreg.utils.config import flatten, instantiate
@@ -331,16 +332,7 @@ def fit_and_test(
             )
             print_metrics_table(f"Test ({cfg.dataset.name})", results, REPORTED_METRICS)
     if trainer.is_global_zero:
-        layout = RunDir(run_dir)
-        files = [
-            ("resolved config", layout.config),
-            ("run status", layout.run_json),
-            ("CSV metrics", layout.csv_metrics),
-            ("checkpoints", layout.checkpoints),
-            ("test metrics", layout.test_metrics),
-        ]
-        listing = "".join(f"\n  {name:16s} {path}" for name, path in files if path.exists())
-        log.info("Run directory: %s%s", run_dir.resolve(), listing)
+        log_run_summary(run_dir, trainer.loggers)
     return results
 
 
