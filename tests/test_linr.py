@@ -349,7 +349,7 @@ def test_init_from_errors_name_the_option_and_the_path(tmp_path):
 def test_invalid_options_are_refused():
     with pytest.raises(ConfigError, match="not both"):
         LinR(init_from="x.ckpt", start_epoch=3)
-    # checked before any work by reidreg.validation:
+    # checked before any work by reidreg.options:
     assert not LinR.OPTION_RULES["variant"].accepts("linrx")
     assert not LinR.OPTION_RULES["cls_loss"].accepts("focal")
     regularizer = LinR(start_epoch=5)

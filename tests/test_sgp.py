@@ -366,7 +366,7 @@ def test_attack_gradients_are_not_perturbed():
 
 
 def test_invalid_options_are_clear_errors():
-    assert not SGP.OPTION_RULES["sites"].accepts(["block6"])  # checked before any work by reidreg.validation
+    assert not SGP.OPTION_RULES["sites"].accepts(["block6"])  # checked before any work by reidreg.options
     with pytest.raises(ConfigError, match="perturbs nothing"):
         SGP(sites=[], param_grads=False)
     with pytest.raises(ConfigError, match="regional_block5"):

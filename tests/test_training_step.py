@@ -185,7 +185,7 @@ class RotateIdentities(Regularizer):
     "toy_loss": '''
 """Toy loss term: weight · mean squared norm of every objective module's embedding."""
 from reidreg.regularizers import Regularizer
-from reidreg.validation import number
+from reidreg.options.rules import number
 
 
 class EmbeddingNorm(Regularizer):

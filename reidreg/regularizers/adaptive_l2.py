@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from reidreg.errors import ConfigError
+from reidreg.options.rules import boolean, choice, integer, list_of, number, optional
 from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainStep
 from reidreg.regularizers.foreach import FlatViews, ParameterLookup, add_products_to_grads, add_to_grads
 from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets, squared_norms
-from reidreg.validation import boolean, choice, integer, list_of, number, optional
 
 HISTOGRAM_BUCKETS = 5
 

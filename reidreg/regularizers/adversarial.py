@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from reidreg.attacks import ATTACK_NAMES, build_attack
+from reidreg.options.rules import boolean, choice, integer, number, optional
 from reidreg.regularizers.base import LogDict, Regularizer, StepContext
 from reidreg.regularizers.random_streams import step_generator
-from reidreg.validation import boolean, choice, integer, number, optional
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ cannot carry out; ``attach(module)`` (an object with ``.model``) creates own par
 ``nn.Parameter`` s (optimised with the network, checkpointed); those set only by a gradient transform are
 listed by ``ddp_ignored_parameters`` so that DDP neither waits for nor averages them.
 
-Options are checked before any work by ``OPTION_RULES`` (``reidreg.validation`` rules, by option name).
+Options are checked before any work by ``OPTION_RULES`` (``reidreg.options.rules``, by option name).
 A new regularizer is a file here and a YAML under ``conf/regularizer/`` with its ``_target_``.
 """
 
@@ -49,7 +49,7 @@ from reidreg.models import HeadOutput
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from reidreg.validation import Rule
+    from reidreg.options.rules import Rule
 
 LogDict = dict[str, float | torch.Tensor]
 
@@ -107,7 +107,7 @@ class TrainStep:
 class Regularizer(nn.Module):
     """Base class: a named, optional piece of training. Subclasses document the equation they implement."""
 
-    #: Option name → rule, checked by ``reidreg.validation`` before any work.
+    #: Option name → rule, checked by ``reidreg.options`` before any work.
     OPTION_RULES: ClassVar[dict[str, Rule]] = {}
 
     #: True for explicit L2 penalties: the optimizer's own weight decay must then be 0 (no double count).

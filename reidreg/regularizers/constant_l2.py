@@ -20,10 +20,10 @@ from typing import Any, Literal
 import torch
 
 from reidreg.errors import ConfigError
+from reidreg.options.rules import boolean, choice, list_of, number, optional
 from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainStep
 from reidreg.regularizers.foreach import ParameterLookup, add_scaled_to_grads
 from reidreg.regularizers.l2_targets import L2_CATEGORIES, l2_targets, squared_norms
-from reidreg.validation import boolean, choice, list_of, number, optional
 
 
 class ConstantL2(Regularizer):

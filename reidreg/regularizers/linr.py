@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from reidreg.errors import ConfigError
+from reidreg.options.rules import boolean, choice, integer, mapping, number, optional, string
 from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainingPlan
 from reidreg.run_dir import network_weights, read_checkpoint
-from reidreg.validation import boolean, choice, integer, mapping, number, optional, string
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from reidreg.errors import ConfigError
+from reidreg.options.rules import boolean, choice, integer, list_of, number
 from reidreg.regularizers.base import LogDict, Regularizer, StepContext
 from reidreg.regularizers.foreach import FlatViews, ParameterLookup
 from reidreg.regularizers.random_streams import step_generator
-from reidreg.validation import boolean, choice, integer, list_of, number
 
 if TYPE_CHECKING:
     from reidreg.models import ReIDModel

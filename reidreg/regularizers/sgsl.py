@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from reidreg.errors import ConfigError
+from reidreg.options.rules import choice, list_of, number, optional, string
 from reidreg.regularizers.base import Regularizer, TrainStep
-from reidreg.validation import choice, list_of, number, optional, string
 
 FEATURES = ("bn", "embedding")
 

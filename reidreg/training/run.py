@@ -347,7 +347,7 @@ def run_provenance(
         val_query=datamodule.val_query,
         val_gallery=datamodule.val_gallery,
         options=OmegaConf.to_container(cfg.dataset.options),
-        content_hash=getattr(datamodule, "content_hash", None),  # from the image check, when it ran
+        content_hash=datamodule.content_hash,  # hashed by the image check, even when it is off
     )
     source = source_state()
     provenance = collect_provenance(
