@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 10 ("GPU training speed"), in one call of the device tool: about 8 minutes
+# The GPU measurement of training speed (README, "Training fast on a GPU"), in one call of the device tool: about 8 minutes
 # on an H100 (each step has its own timeout, so a slow step cannot eat the others' time). Preparation and
 # the exact call: benchmarks/gpu_session.md. Tables go to stdout and to $OUT/*.md.
 set -uo pipefail
@@ -34,18 +34,15 @@ timeout 200 $BENCH --sections network --rounds 3 --steps 10 \
 
 # End to end: 200 real steps of each preset through the CLI, run.json's performance block.
 step "end to end: python -m reidreg.train, 200 steps per preset (~1 min)"
-if grep -q '^pipeline:' conf/data/default.yaml; then
-    for preset in bot_r50 adaptivereid_market1501; do
-        run_dir=/tmp/e2e_$preset  # not under $OUT: checkpoints are too large to come back
-        timeout 120 python3 -m reidreg.train experiment=$preset dataset=synthetic backbone.pretrained=false \
-            data.pipeline=gpu data.num_workers=12 data.steps_per_epoch=200 data.val_identities=0 \
-            trainer.max_epochs=1 trainer.precision=auto test=false progress.mode=lines checkpoint.every_n_steps=0 \
-            logger=csv paths.output_dir="$run_dir" > "$OUT/e2e_$preset.log" 2>&1 || tail -5 "$OUT/e2e_$preset.log"
-        cp "$run_dir/run.json" "$OUT/e2e_${preset}_run.json" 2>/dev/null
-        python3 -c "import json, sys; print(sys.argv[1], json.load(open(sys.argv[2]))['performance'])" \
-            "$preset" "$run_dir/run.json" 2>/dev/null || echo "$preset: no run.json performance"
-    done
-else
-    echo "skipped: conf/data/default.yaml has no data.pipeline yet (integration of issue 10 pending)"
-fi
+for preset in bot_r50 adaptivereid_market1501; do
+    run_dir=/tmp/e2e_$preset  # not under $OUT: checkpoints are too large to come back
+    rm -rf "$run_dir"  # a finished run there would be skipped, not measured again
+    timeout 120 python3 -m reidreg.train experiment=$preset dataset=synthetic backbone.pretrained=false \
+        data.pipeline=gpu data.num_workers=12 data.steps_per_epoch=200 data.val_identities=0 \
+        trainer.max_epochs=1 trainer.precision=auto test=false progress.mode=lines checkpoint.every_n_steps=0 \
+        logger=csv paths.output_dir="$run_dir" > "$OUT/e2e_$preset.log" 2>&1 || tail -5 "$OUT/e2e_$preset.log"
+    cp "$run_dir/run.json" "$OUT/e2e_${preset}_run.json" 2>/dev/null
+    python3 -c "import json, sys; print(sys.argv[1], json.load(open(sys.argv[2]))['performance'])" \
+        "$preset" "$run_dir/run.json" 2>/dev/null || echo "$preset: no run.json performance"
+done
 step "done"

@@ -1,4 +1,4 @@
-"""Constant and adaptive L2 (paper 000 eqs. 3–8) against direct evaluations of the equations."""
+"""Constant and adaptive L2 (AdaptiveReID eqs. (3)–(8)) against direct evaluations of the equations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""LinR (paper 003 eqs. 4–10, Algorithm 1) against direct evaluations on small hand-made examples."""
+"""LinR (eqs. (4)–(10) and Algorithm 1 of the LinR paper; docs/methods/linr.md) against direct evaluations
+on small hand-made examples."""
 
 from __future__ import annotations
 

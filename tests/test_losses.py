@@ -10,7 +10,7 @@ from reidreg.models.heads import HeadOutput
 def test_label_smoothing_matches_paper_eq1():
     logits, labels, eps = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0]), 0.1
     q = F.one_hot(labels, 5).float()
-    smoothed = (1 - eps) * q + eps / 5  # paper 000 eq. 1
+    smoothed = (1 - eps) * q + eps / 5  # AdaptiveReID eq. (1)
     expected = -(smoothed * logits.log_softmax(1)).sum(1).mean()
     out = {"global": HeadOutput(embedding=torch.rand(6, 3), bn_feature=torch.rand(6, 3), logits=logits)}
     terms = ReIDLoss(label_smoothing=eps, triplet=False)(out, labels)

@@ -1,4 +1,4 @@
-"""SGP (our reading of paper 002, METHODS §6): g̃ = g + σ·rms(g)·ξ at the configured sites, with prob. p."""
+"""SGP (our reading, docs/methods/sgp.md): g̃ = g + σ·rms(g)·ξ at the configured sites, with prob. p."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""SGSL (paper 004 eqs. 6–7): values against explicit loops over classes, the stop-gradient, the CE gate,
-γ/β behaviour, AMP, the config, and end-to-end runs (alone, with adaptive L2, with RBR)."""
+"""SGSL (eqs. (6)–(7) of the SGSL paper, AAAI 2023): values against explicit loops over classes, the
+stop-gradient, the CE gate, γ/β behaviour, AMP, the config, and end-to-end runs (alone, with adaptive L2,
+with RBR)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ LABELS = [0, 1, 3]
 
 
 def eq6_reference(features, class_weights, labels, gamma: float) -> float:
-    """Paper 004 eq. 6 term by term: mean_i softplus((1/γ) log Σ_{j≠y_i} exp(γ cos_ij) − cos_iy_i)."""
+    """Eq. (6) of the SGSL paper termwise: mean_i softplus((1/γ) log Σ_{j≠y_i} exp(γ cos_ij) − cos_iy_i)."""
     total = 0.0
     for feature, label in zip(features, labels, strict=True):
         cosines = []

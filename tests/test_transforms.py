@@ -40,7 +40,7 @@ def test_output_shape_and_dtype(image: Image.Image) -> None:
     for transform in (build_train_transform(height=H, width=W), build_test_transform(height=H, width=W)):
         out = transform(image)
         assert out.shape == (3, H, W) and out.dtype == torch.float32
-    assert build_test_transform()(image).shape == (3, 384, 128)  # METHODS.md default size
+    assert build_test_transform()(image).shape == (3, 384, 128)  # the default size (docs/protocol.md)
 
 
 def test_test_transform_is_deterministic_and_normalised(image: Image.Image) -> None:

@@ -1,6 +1,7 @@
 """Training augmentation as one pure draw per sample and one vectorised function per batch.
 
-The training augmentation of METHODS.md §1 (after the bilinear resize to H×W): horizontal flip (p = 0.5),
+The training augmentation of docs/protocol.md, "Transforms" (after the bilinear resize to H×W):
+horizontal flip (p = 0.5),
 zero padding by ``padding`` px and a random H×W crop (a shift by up to ±padding), conversion to [0, 1],
 ImageNet normalisation, random erasing (Zhong et al., arXiv 1708.04896, Algorithm 1). It is split in two
 so that every path computes the same images:

@@ -1,7 +1,7 @@
 """Person re-identification datasets on disk: Market-1501, DukeMTMC-reID, MSMT17 and the synthetic set.
 
 Every experiment in reidreg must see exactly the same samples, so the parsers follow the naming rules of
-the real datasets as torchreid and fast-reid do (METHODS.md §1, "Datasets on disk"):
+the real datasets as torchreid and fast-reid do (docs/protocol.md, "Datasets"):
 
 * pid −1 (junk) is dropped everywhere; pid 0 (distractors) stays in the gallery as a negative — in
   Market-style datasets only: MSMT17 has no distractors, its pid 0 is an ordinary identity;

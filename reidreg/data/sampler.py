@@ -1,4 +1,4 @@
-"""P×K batch sampler for ReID training (METHODS.md §1 "Data").
+"""P×K batch sampler for ReID training (docs/protocol.md, "Sampling: P×K batches").
 
 Every batch holds P distinct identities with K images each, laid out identity by identity (K consecutive
 indices per identity), which is what the batch-hard triplet loss needs: each anchor has K−1 positives and

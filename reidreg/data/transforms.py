@@ -1,4 +1,4 @@
-"""Image transforms for ReID training and testing (METHODS.md §1 "Data").
+"""Image transforms for ReID training and testing (docs/protocol.md, "Transforms").
 
 Train: bilinear resize to H×W → horizontal flip (p=0.5) → zero padding (10 px each side) and random crop back
 to H×W → to tensor in [0, 1] → ImageNet normalisation → random erasing (p=0.5, area 0.02–0.4 of the image,

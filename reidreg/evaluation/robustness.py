@@ -1,7 +1,8 @@
 """Adversarial robustness of retrieval: mAP and CMC when the query images are attacked.
 
-SGP's second claim (paper 002, abstract) is that it keeps adversarial robustness while improving
-generalisation, and adversarial training (AT) trades one for the other. This measures it: every query
+SGP's second claim (Zhou et al., "Stochastic Gradient Perturbation", IEEE TCSVT 2023, abstract;
+docs/methods/sgp.md) is that it keeps adversarial robustness while improving generalisation, and
+adversarial training (AT) trades one for the other. This measures it: every query
 image is attacked white-box, within an L∞ ball of radius ε in [0, 1] pixel space (``reidreg.attacks``), so
 that its retrieval feature f moves as far as possible from its clean feature,
 

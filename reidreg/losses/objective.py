@@ -1,6 +1,6 @@
 """The task loss of one batch: per objective module, label-smoothed CE + batch-hard triplet (weights 1).
 
-Label smoothing follows paper 000 eq. 1, q'(i) = (1 − ε) q(i) + ε/N, which is exactly what
+Label smoothing follows eq. (1) of AdaptiveReID (ICPR 2020), q'(i) = (1 − ε) q(i) + ε/N, which is exactly what
 ``F.cross_entropy(label_smoothing=ε)`` computes. Every term is returned separately (``<head>/ce``,
 ``<head>/triplet``) so it can be logged, and regularizers such as SGSL can read the CE values.
 """

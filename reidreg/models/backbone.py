@@ -1,4 +1,6 @@
-"""timm ResNet backbones split into the five blocks of the AdaptiveReID paper (paper 000, §III-A, Fig. 2).
+"""timm ResNet backbones split into the five blocks of AdaptiveReID (ICPR 2020, Sec. III-A, Fig. 2).
+
+See docs/methods/adaptivereid.md, "Backbone".
 
 Block 1 is the stem (conv1, bn1, act, maxpool), blocks 2–5 are ``layer1``–``layer4``. The
 *last stride 1* trick sets the stride-2 convolutions of ``layer4[0]`` to stride 1 (and drops the
@@ -36,7 +38,7 @@ def _create_timm_model(
 
 
 def set_last_stride_one(layer4: nn.Sequential) -> None:
-    """Make block 5 keep its input resolution: stride 1 in its first residual unit (paper 000 §III-A)."""
+    """Block 5 keeps its input resolution: stride 1 in its first residual unit (AdaptiveReID, Sec. III-A)."""
     first = layer4[0]
     for module in first.modules():
         if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
@@ -50,7 +52,9 @@ def set_last_stride_one(layer4: nn.Sequential) -> None:
 
 
 def remove_last_bn_relu(layer4: nn.Sequential) -> list[str]:
-    """RBR of the SGSL paper (paper 004, official code): "remove the last BN-ReLU" of the backbone.
+    """RBR of SGSL (Yang et al., AAAI 2023, official code): "remove the last BN-ReLU" of the backbone.
+
+    See docs/methods/sgsl.md, "RBR".
 
     The official code replaces the last torchvision bottleneck's ``bn3`` and its ``relu`` module, which
     torchvision shares between all three activations. In timm the same layers are ``bn3`` and

@@ -1,8 +1,10 @@
-"""The objective module of AdaptiveReID (paper 000, Fig. 1): GAP → clip → BN → bias-free linear.
+"""The objective module of AdaptiveReID (ICPR 2020, Fig. 1): GAP → clip → BN → bias-free linear.
+
+See docs/methods/adaptivereid.md.
 
 The clipped feature *before* BN is the embedding used for retrieval and for the triplet loss; the BN
 output feeds the identity classifier (and SGSL). Clipping to [0, 1] "relieves optimization difficulties
-in the succeeding triplet loss" (paper 000 §III-B) and is switchable for the Table III ablation.
+in the succeeding triplet loss" (AdaptiveReID, Sec. III-B) and is switchable for the Table III ablation.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The AdaptiveReID baseline network (paper 000, §III, Fig. 2): a global and two regional branches.
+"""The AdaptiveReID baseline network (Ni et al., ICPR 2020, Sec. III, Fig. 2): global and regional branches.
+
+See docs/methods/adaptivereid.md.
 
 Global branch: blocks 1–5 → objective module. Regional branches: block 5 is *duplicated* (its own
 weights, initialised from the same ones), its output map is cut into horizontal stripes, and each stripe

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the AdaptiveReID official code (METHODS.md §1, "Optimisation").
+"""Learning-rate schedule of the AdaptiveReID official code (docs/protocol.md, "Optimisation").
 
 Linear warm-up from ``warmup_start_lr`` to the base lr over ``warmup_epochs``, then the lr is divided by
 ``1/gamma`` at each milestone epoch, never below ``min_lr``. Epochs are counted from the start of
