@@ -9,7 +9,7 @@ Three sections, each printed as a table (img/s, ms/step, peak GPU memory, ratio 
 (a) ``network``: ``ReIDModel`` + ``ReIDLoss`` + backward + Adam step on a batch already on the device,
     without loader or Lightning: the limit a training step can reach. Variants (``--variants``): precision
     (fp32, bf16, fp16 with a GradScaler) × channels-last (``+cl``) × fused Adam (``+fused``) ×
-    ``torch.compile`` of the whole forward (``+compile``, ``reidreg.training.performance.compile_network``).
+    ``torch.compile`` of the whole forward (``+compile``, ``training.device_settings.compile_network``).
 (b) ``loader``: the training DataLoader alone, on the default synthetic set (3,350 images, 128×64 on
     disk) at the preset's training size: the per-image CPU path (``ReIDDataModule.train_dataloader``:
     decode + resize + augment per image in N workers) against the cached path (``ImageCache`` +
@@ -20,7 +20,7 @@ Three sections, each printed as a table (img/s, ms/step, peak GPU memory, ratio 
     the composed config of ``experiment=<preset>``, driven by a ``pl.Trainer`` (``max_steps``) on
     in-memory uint8 batches augmented on the device as the GPU pipeline does — for presets × precisions
     × regularizers, with each regularizer's overhead against ``none``. The device settings of
-    ``reidreg.training.performance`` (channels-last, fused Adam, cudnn.benchmark) are applied as the
+    ``reidreg.training.device_settings`` (channels-last, fused Adam, cudnn.benchmark) are applied as the
     trainer will apply them. Step time = ``on_train_batch_start`` → ``on_train_batch_end`` (synchronised).
     Final reports (``on_train_end``: adaptive L2's plots) are skipped: they are not part of a step.
 
@@ -179,7 +179,7 @@ def preset_overrides(preset: str, args: argparse.Namespace) -> list[str]:
 def network_section(args: argparse.Namespace, device: torch.device) -> str:
     from reidreg.losses import ReIDLoss
     from reidreg.models import ReIDModel, ResNetBackbone
-    from reidreg.training.performance import compile_network
+    from reidreg.training.device_settings import compile_network
 
     output = ""
     for preset in split(args.presets):
@@ -411,7 +411,7 @@ def module_section(args: argparse.Namespace, device: torch.device) -> str:
     import pytorch_lightning as pl
 
     from reidreg.data.batch_augment import AugmentSpec, BatchAugment, draw_batch_params
-    from reidreg.training.performance import prepare_network, resolve_device_settings, with_fused_adam
+    from reidreg.training.device_settings import prepare_network, resolve_device_settings, with_fused_adam
     from reidreg.training.run import build_module
 
     class InMemoryBatches(pl.LightningDataModule):

@@ -42,7 +42,7 @@ def test_operational_settings_never_split_a_method_but_the_run_length_does(tmp_p
     runs = gather([tmp_path]).finished
     assert [method_labels(runs)[id(run)] for run in runs] == ["none"] * 3 + ["sgsl"] * 2
     text, _ = report([tmp_path], plots=False)
-    assert "| none | synthetic | 3 |" in text and "| sgsl | synthetic | 2 |" in text
+    assert "| none | synthetic | 3/3 |" in text and "| sgsl | synthetic | 2/2 |" in text
 
     # A longer run is another experiment (resume may lengthen a run, but that changes its numbers).
     make_run(tmp_path / "longer", seed=3, job_num=5, config={"trainer.max_epochs": 40})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reidreg.errors import TrainingDiverged
-from reidreg.training.divergence import DivergenceGuard
+from reidreg.training.callbacks.divergence import DivergenceGuard
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@ Lightning's DDP logging warnings."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -61,5 +62,6 @@ def test_cpu_ddp_runs_without_lightning_sync_dist_warnings(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert "GLOBAL_RANK: 1" in output  # two processes did run
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["provenance"]["device"]["count"] == 2  # two processes did run
     assert "sync_dist" not in output, output

@@ -11,7 +11,7 @@ import torch
 from reidreg.errors import ConfigError
 from reidreg.models import ReIDModel, ResNetBackbone
 from reidreg.regularizers.sgp import SGP
-from reidreg.training.performance import (
+from reidreg.training.device_settings import (
     Capabilities,
     DeviceSettings,
     compile_network,

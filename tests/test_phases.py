@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from reidreg.training.checkpointing import BestCheckpoint
+from reidreg.training.callbacks.checkpointing import BestCheckpoint
 from tests import phase_signals
 from tests.test_resume import RUN, cli, global_step
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from reidreg.training.progress import (
+from reidreg.training.callbacks.progress import (
     CompactModelSummary,
     ProgressLines,
     ValidationSummary,
@@ -26,11 +26,11 @@ from reidreg.training.progress import (
     format_duration,
     resolve_progress_mode,
 )
-from reidreg.training.throughput import ThroughputMonitor, batch_size
+from reidreg.training.callbacks.throughput import ThroughputMonitor, batch_size
 from reidreg.utils.console import FILE_ONLY_LOGGER, DropLightningAds, StdoutHandler
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRESS_LOGGER = "reidreg.training.progress"
+PROGRESS_LOGGER = "reidreg.training.callbacks.progress"
 LINE = re.compile(
     r"epoch (?P<epoch>\d+)/(?P<max_epochs>\d+)  step (?P<step>\d+)/(?P<batches>\d+)  global (?P<global>\d+)"
     r"  loss (?P<loss>[\d.]+)  (?P<img_s>[\d.]+) img/s  ETA (?P<eta>\d+:\d\d:\d\d)"
@@ -410,7 +410,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, {tests!r})
 sys.path.insert(0, {repo!r})
 from test_progress import TinyModule, fit, progress_cfg
-from reidreg.training.progress import console_callbacks
+from reidreg.training.callbacks.progress import console_callbacks
 from reidreg.utils.console import FILE_ONLY_LOGGER
 
 @hydra.main(version_base="1.3", config_path={conf!r}, config_name="train")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from reidreg.run_dir import remove_temporaries
-from reidreg.training.checkpointing import AtomicCheckpointIO
+from reidreg.training.callbacks.checkpointing import AtomicCheckpointIO
 from reidreg.training.resume import resumed_config
 from tests.conftest import TINY_OVERRIDES, compose_config
 
@@ -196,7 +196,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_file_intact(tmp_pa
             sys.executable,
             "-c",
             "import time, pathlib, sys, torch\n"
-            "from reidreg.training.checkpointing import AtomicCheckpointIO\n"
+            "from reidreg.training.callbacks.checkpointing import AtomicCheckpointIO\n"
             "class Slow:\n"
             "    def __reduce__(self):\n"
             f"        pathlib.Path({str(started)!r}).touch(); time.sleep(60); return (int, ())\n"

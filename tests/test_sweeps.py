@@ -317,7 +317,7 @@ def test_tiny_study_report_matches_the_runs_own_metrics(tiny_study):
     else:
         assert float(rows[1]["mAP_p"]) == pytest.approx(stats.ttest_rel(mine, base).pvalue)
     assert float(rows[1]["mAP_bootstrap_low"]) <= float(rows[1]["mAP_bootstrap_high"])
-    assert "Unfinished" not in text and "Missing" not in text
+    assert "## Unfinished" not in text and "## Missing runs" not in text
     assert {path.name for path in written} >= {"report.md", "report.csv", "map.png"}
     assert (tiny_study / "lambda_median_adaptive_l2_synthetic.png").is_file()
 

@@ -102,7 +102,7 @@ class ReIDModel(nn.Module):
         return self.retrieval_features(images, flip=flip)
 
 
-#: ``model.*`` options about how the network runs, not what it is (``reidreg.training.performance``).
+#: ``model.*`` options about how the network runs, not what it is (``reidreg.training.device_settings``).
 RUNTIME_OPTIONS = ("compile",)
 
 

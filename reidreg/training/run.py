@@ -42,20 +42,20 @@ from reidreg.run_dir import (
     is_secondary_process,
     read_checkpoint,
 )
-from reidreg.training.checkpointing import AtomicCheckpointIO, BestCheckpoint, ResumePoint
-from reidreg.training.divergence import DivergenceGuard
-from reidreg.training.module import REPORTED_METRICS, ReIDModule
-from reidreg.training.performance import (
+from reidreg.training.callbacks.checkpointing import AtomicCheckpointIO, BestCheckpoint, ResumePoint
+from reidreg.training.callbacks.divergence import DivergenceGuard
+from reidreg.training.callbacks.progress import console_callbacks
+from reidreg.training.callbacks.throughput import ThroughputMonitor
+from reidreg.training.device_settings import (
     DeviceSettings,
     prepare_network,
     resolve_device_settings,
     with_fused_adam,
 )
-from reidreg.training.progress import console_callbacks
+from reidreg.training.module import REPORTED_METRICS, ReIDModule
 from reidreg.training.resume import resumed_config
 from reidreg.training.run_record import RunRecord
 from reidreg.training.summary import log_run_summary
-from reidreg.training.throughput import ThroughputMonitor
 from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
 from reidreg.utils.config import flatten, instantiate
 from reidreg.utils.loggers import build_loggers, finish_wandb

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.model_summary.model_summary import (
     get_human_readable_count,
 )
 
-from reidreg.training.throughput import ThroughputMonitor
+from reidreg.training.callbacks.throughput import ThroughputMonitor
 from reidreg.utils.console import FILE_ONLY_LOGGER
 
 log = logging.getLogger(__name__)
