@@ -372,4 +372,4 @@ def test_optuna_search_runs_and_its_trials_are_reported(tmp_path_factory, tmp_pa
             "lam"
         ]
         assert f"constant_l2 constant_l2.lam={lam}" in text
-    assert "Missing" not in text
+    assert "## Missing runs" not in text
