@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,21 @@ TINY_OVERRIDES = [
     "trainer.log_every_n_steps=1",
     "optim.schedule.warmup_epochs=1",
 ]
+
+
+def train_command(run_dir: Path, data_dir: Path, *overrides: str, max_epochs: int = 1) -> list[str]:
+    """``python -m reidreg.train`` as a user types it, with the tiny settings, ``max_epochs`` and
+    ``overrides``, writing to ``run_dir`` (``hydra.run.dir``)."""
+    return [
+        sys.executable,
+        "-m",
+        "reidreg.train",
+        *[o for o in TINY_OVERRIDES if not o.startswith("trainer.max_epochs")],
+        f"trainer.max_epochs={max_epochs}",
+        *overrides,
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def compose_config(tmp_path: Path, *overrides: str, config_name: str = "train") -> DictConfig:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from reidreg.data.synthetic import generate_synthetic, resolve_synthetic_options
@@ -43,6 +44,7 @@ def test_generating_the_synthetic_set_into_a_missing_folder_says_where_and_how_b
     ]
 
 
+@pytest.mark.slow  # a 2-process run
 def test_cpu_ddp_runs_without_lightning_sync_dist_warnings(tmp_path):
     """trainer.devices=2 on the CPU, as typed: validation and test metrics are logged without Lightning's
     "It is recommended to use self.log(..., sync_dist=True)" warnings."""

@@ -378,20 +378,10 @@ def _log_lines(text: str) -> list[str]:
 
 
 def test_cli_log_file_holds_the_console_and_lightning_messages(tmp_path):
-    from tests.conftest import TINY_OVERRIDES
+    from tests.conftest import train_command
 
     run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "reidreg.train",
-        *[o for o in TINY_OVERRIDES if not o.startswith("trainer.max_epochs")],
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        "test=false",
-        f"paths.data_dir={tmp_path.parent / 'data'}",
-        f"hydra.run.dir={run_dir}",
-    ]
+    command = train_command(run_dir, tmp_path.parent / "data", "+trainer.limit_train_batches=2", "test=false")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     log_file = (run_dir / "train.log").read_text()

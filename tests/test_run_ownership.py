@@ -97,6 +97,7 @@ def test_a_refused_resume_writes_nothing(finished, tmp_path):
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.slow  # two runs: `make test-slow`
 def test_a_live_run_holds_its_directory_until_its_process_ends(finished, tmp_path):
     run_dir, data_dir = copied(finished, tmp_path), finished[1]
     holder = subprocess.Popen(
@@ -128,6 +129,7 @@ def test_a_live_run_holds_its_directory_until_its_process_ends(finished, tmp_pat
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
 
 
+@pytest.mark.slow  # two runs at once: `make test-slow`
 def test_two_runs_started_together_in_one_directory_one_is_refused(finished, tmp_path):
     data_dir, run_dir = finished[1], tmp_path / "race"
     processes = [
@@ -144,6 +146,7 @@ def test_two_runs_started_together_in_one_directory_one_is_refused(finished, tmp
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow  # two runs: `make test-slow`
 def test_a_run_does_not_continue_on_changed_data(tmp_path):
     data_dir, run_dir = tmp_path / "data", tmp_path / "run"
     first = cli(run_dir, data_dir, "test=false")
@@ -173,6 +176,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow  # a run on a small file system: `make test-slow`
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_resume_point(small_disk, finished):
     run_dir = small_disk
     failed = cli(run_dir, finished[1], "trainer.max_epochs=2")
@@ -231,6 +235,7 @@ def test_a_resume_after_a_killed_process_notes_it_and_keeps_the_first_provenance
         again.check_same_data({"dataset": {"listing_sha256": "2"}})
 
 
+@pytest.mark.slow  # a multirun: `make test-slow`
 def test_relaunching_a_multirun_skips_its_finished_jobs(finished, tmp_path):
     job_dir = tmp_path / "sweep" / "0"
     shutil.copytree(finished[0], job_dir)

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import train_command
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_run_lists_every_file_and_how_to_upload_the_offline_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "reidreg.train",
-        *[o for o in TINY_OVERRIDES if not o.startswith("trainer.max_epochs")],
-        "trainer.max_epochs=1",
-        "logger=wandb",
-        f"paths.data_dir={tmp_path.parent / 'data'}",
-        f"hydra.run.dir={run_dir}",
-    ]
+    command = train_command(run_dir, tmp_path.parent / "data", "logger=wandb")
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
     env.update(NETRC=str(tmp_path / "no-netrc"), WANDB_DIR=str(tmp_path))  # no credentials: offline
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
