@@ -107,7 +107,7 @@ def resumed_config(
         elif overrides is None:  # the given config is the whole request: an option it lacks is unset
             result.pop(key, None)
     conflicts += [group for group in MEMBER_GROUPS if _members(requested, group) != _members(stored, group)]
-    if world_size(requested) != world_size(stored):
+    if _topology(requested) != _topology(stored):
         conflicts += [
             key for key in ("trainer.devices", "trainer.num_nodes") if key in stored or key in requested
         ]
@@ -123,8 +123,9 @@ def _members(leaves: Mapping[str, Any], group: str) -> set[str]:
     return {key.split(".")[1] for key in leaves if key.startswith(group + ".")}
 
 
-def world_size(leaves: Mapping[str, Any]) -> Any:
-    """Processes of a run (devices per node × nodes); a non-integer device spec (``auto``) stays as it is."""
+def _topology(leaves: Mapping[str, Any]) -> Any:
+    """What sets a run's number of processes, for comparison: devices per node × nodes, or the raw
+    specification where the devices are not a count (``auto``)."""
     devices, nodes = leaves.get("trainer.devices", 1), leaves.get("trainer.num_nodes", 1) or 1
     return devices * nodes if isinstance(devices, int) and devices > 0 else (devices, nodes)
 
