@@ -25,6 +25,7 @@ key of the given config must equal the checkpoint's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,6 +92,7 @@ def resumed_config(
     the whole of ``cfg`` instead.
     """
     requested = flatten(OmegaConf.to_container(cfg, resolve=True))
+    links = flatten(OmegaConf.to_container(cfg, resolve=False))
     stored = flatten(checkpoint_config)
     touched = (
         set(requested) | set(stored) if overrides is None else touched_keys(overrides, compose, requested)
@@ -98,7 +100,7 @@ def resumed_config(
     result, conflicts = dict(stored), []
     for key in sorted(touched):
         value, original = requested.get(key, MISSING), stored.get(key, MISSING)
-        if value == original or (original is MISSING and _is_new_option(key, stored)):
+        if value == original or (original is MISSING and _is_new_option(key, stored, requested, links)):
             continue
         if not resume_may_change(key):
             conflicts.append(key)
@@ -106,15 +108,22 @@ def resumed_config(
             result[key] = value
         elif overrides is None:  # the given config is the whole request: an option it lacks is unset
             result.pop(key, None)
-    conflicts += [group for group in MEMBER_GROUPS if _members(requested, group) != _members(stored, group)]
-    if _topology(requested) != _topology(stored):
+    # The selected set is the checkpoint's unless the request chose one (a group override, or a whole config).
+    conflicts += [
+        group
+        for group in MEMBER_GROUPS
+        if (overrides is None or group in touched) and _members(requested, group) != _members(stored, group)
+    ]
+    # Options that did not exist when the checkpoint was made take their requested (default) values.
+    result.update(
+        {key: value for key, value in requested.items() if _is_new_option(key, stored, requested, links)}
+    )
+    if _topology(result) != _topology(stored):
         conflicts += [
-            key for key in ("trainer.devices", "trainer.num_nodes") if key in stored or key in requested
+            key for key in ("trainer.devices", "trainer.num_nodes") if key in stored or key in result
         ]
     if conflicts:
         raise ConfigError(conflict_message(cfg.get("ckpt_path"), sorted(set(conflicts)), requested, stored))
-    # Options that did not exist when the checkpoint was made take their requested (default) values.
-    result.update({key: value for key, value in requested.items() if _is_new_option(key, stored)})
     return OmegaConf.create(unflatten(result))
 
 
@@ -130,9 +139,36 @@ def _topology(leaves: Mapping[str, Any]) -> Any:
     return devices * nodes if isinstance(devices, int) and devices > 0 else (devices, nodes)
 
 
-def _is_new_option(key: str, stored: Mapping[str, Any]) -> bool:
-    """No stored key is, contains or lies inside ``key``: the option is newer than the checkpoint."""
-    return not any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in stored)
+def _is_new_option(
+    key: str, stored: Mapping[str, Any], requested: Mapping[str, Any], links: Mapping[str, Any]
+) -> bool:
+    """The option is newer than the checkpoint: no stored key is, contains or lies inside ``key``, and it
+    belongs to a node built by the same code in both.
+
+    The request of ``ckpt_path=`` alone is composed from ``conf/``'s defaults, whose selections may differ
+    from the checkpoint's: another regularizer's node, or the options of another dataset, are no new options
+    of the checkpoint's. A node is identified by its ``_target_``, else its ``name``; an option that copies
+    another node (``data.dataset_options: ${dataset.options}``, ``links`` = the unresolved request) is new
+    only where that node's option is.
+    """
+    if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in stored):
+        return False
+    parts = key.split(".")
+    for depth in range(1, len(parts) + 1):
+        link = re.fullmatch(r"\$\{([\w.]+)\}", str(links.get(".".join(parts[:depth]), "")))
+        if link:
+            return _is_new_option(".".join([link[1], *parts[depth:]]), stored, requested, links)
+    if parts[0] in MEMBER_GROUPS:
+        return len(parts) > 2 and parts[1] in _members(stored, parts[0])
+    for depth in range(1, len(parts)):
+        node = ".".join(parts[:depth])
+        for identity in ("_target_", "name"):
+            old, new = stored.get(f"{node}.{identity}", MISSING), requested.get(f"{node}.{identity}", MISSING)
+            if old is not MISSING or new is not MISSING:
+                if old != new:
+                    return False
+                break
+    return True
 
 
 def conflict_message(
