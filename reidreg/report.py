@@ -40,6 +40,8 @@ from reidreg.reporting.environment import (
 )
 from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
+from reidreg.reporting.power import DEFAULT_POWER
+from reidreg.reporting.sequential import DEFAULT_MAX_PAIRS, DEFAULT_MIN_PAIRS, SequentialDesign
 from reidreg.reporting.table import Row, build_rows
 from reidreg.reporting.table_text import legend, markdown_table, write_csv
 from reidreg.run_dir import RunDir
@@ -171,6 +173,8 @@ def report(
     seed: int = 0,
     samples: int = DEFAULT_SAMPLES,
     allow_mixed: bool = False,
+    power: float = DEFAULT_POWER,
+    sequential: SequentialDesign | None = None,
 ) -> tuple[str, list[Path]]:
     """Write the report of the runs under ``paths``; returns its Markdown text and the files written.
 
@@ -182,7 +186,16 @@ def report(
         raise FileNotFoundError(f"no run directory (config.yaml, test_metrics.json or .hydra/) under {paths}")
     finished = study.finished
     labels = method_labels(study.runs)
-    rows, notes = build_rows(study.runs, labels, baseline=baseline, alpha=alpha, seed=seed, samples=samples)
+    rows, notes = build_rows(
+        study.runs,
+        labels,
+        baseline=baseline,
+        alpha=alpha,
+        seed=seed,
+        samples=samples,
+        power=power,
+        sequential=sequential,
+    )
     notes += comparability_notes(finished, labels)
     legacy = without_provenance(finished)
     if legacy:
@@ -239,7 +252,37 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compare runs that differ in dataset content, precision or device class (marked in the report)",
     )
+    parser.add_argument(
+        "--power",
+        type=float,
+        default=DEFAULT_POWER,
+        help=f"power the seeds-needed figures aim at (default {DEFAULT_POWER})",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="apply a Pocock group-sequential rule to each paired comparison: stop, continue or futile",
+    )
+    parser.add_argument(
+        "--min-seeds",
+        type=int,
+        default=DEFAULT_MIN_PAIRS,
+        help=f"first look of --sequential, in pairs (default {DEFAULT_MIN_PAIRS})",
+    )
+    parser.add_argument(
+        "--max-seeds",
+        type=int,
+        default=DEFAULT_MAX_PAIRS,
+        help=f"last look of --sequential, in pairs (default {DEFAULT_MAX_PAIRS})",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.power < 1:
+        parser.error(f"--power must be between 0 and 1 (got {args.power})")
+    if not 2 <= args.min_seeds <= args.max_seeds:
+        parser.error(
+            f"--min-seeds must be at least 2 and at most --max-seeds "
+            f"(got {args.min_seeds} and {args.max_seeds})"
+        )
     if args.bootstrap_samples < 100:
         parser.error(f"--bootstrap-samples must be at least 100 (got {args.bootstrap_samples})")
     if not 0 < args.alpha < 1:
@@ -254,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             samples=args.bootstrap_samples,
             allow_mixed=args.allow_mixed,
+            power=args.power,
+            sequential=(
+                SequentialDesign(args.alpha, min_pairs=args.min_seeds, max_pairs=args.max_seeds)
+                if args.sequential
+                else None
+            ),
         )
     except (FileNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
