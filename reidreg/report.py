@@ -40,6 +40,7 @@ from reidreg.reporting.environment import (
 )
 from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
+from reidreg.reporting.plan import plan_section
 from reidreg.reporting.power import DEFAULT_POWER
 from reidreg.reporting.sequential import DEFAULT_MAX_PAIRS, DEFAULT_MIN_PAIRS, SequentialDesign
 from reidreg.reporting.table import Row, build_rows
@@ -175,6 +176,7 @@ def report(
     allow_mixed: bool = False,
     power: float = DEFAULT_POWER,
     sequential: SequentialDesign | None = None,
+    plan: bool = False,
 ) -> tuple[str, list[Path]]:
     """Write the report of the runs under ``paths``; returns its Markdown text and the files written.
 
@@ -217,6 +219,8 @@ def report(
     if mixed and not allow_mixed:
         raise ConfigError(mixing_refusal(mixed))
     text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe, mixed=mixed)
+    if plan:
+        text += plan_section(rows, study.runs) + "\n"
 
     out_dir = out_dir or common
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         help="apply a Pocock group-sequential rule to each paired comparison: stop, continue or futile",
     )
     parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="add the seeds to run per method, and the reidreg.train command that runs them",
+    )
+    parser.add_argument(
         "--min-seeds",
         type=int,
         default=DEFAULT_MIN_PAIRS,
@@ -298,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.bootstrap_samples,
             allow_mixed=args.allow_mixed,
             power=args.power,
+            plan=args.plan,
             sequential=(
                 SequentialDesign(args.alpha, min_pairs=args.min_seeds, max_pairs=args.max_seeds)
                 if args.sequential
