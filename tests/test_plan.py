@@ -1,5 +1,6 @@
 """``reidreg.report --plan``: the seeds to add and the reidreg.train command, on a fabricated study."""
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,10 @@ def test_sequential_plan_adds_one_seed_where_the_rule_says_continue(tmp_path, ca
     plan = out[out.index("## Plan") :]
     assert "regularizer=sgsl dataset=synthetic seed=4`" in plan
     assert "regularizer=adaptive_l2 dataset=synthetic seed=4`" in plan
+    with (sweep / "report.csv").open(newline="") as file:
+        records = {record["method"]: record for record in csv.DictReader(file)}
+    assert (records["sgsl"]["mAP_pairs_needed"], records["sgsl"]["mAP_sequential"]) == ("4", "continue")
+    assert records["none"]["mAP_pairs_needed"] == ""
 
 
 def test_bad_power_and_looks_are_refused_before_any_work(tmp_path, capsys):

@@ -2,7 +2,7 @@
 methods in the design and analysis of clinical trials", Biometrika 64(2), 1977).
 
 Looking at the paired t test after every new pair and stopping at the first p < α inflates the false
-positive rate far above α (looks at 3..10 pairs, α = 0.05: about 0.16 in a simulation of normal
+positive rate far above α (looks at 3..10 pairs, α = 0.05: about 0.16-0.17 in simulations of normal
 differences). Pocock's design keeps it at α by testing every look at the same, smaller *nominal*
 level α′, chosen so that under "no difference" the chance that any look n = n_min..n_max reaches
 p_n < α′ is α.
