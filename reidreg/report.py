@@ -8,7 +8,10 @@ parent of several):
   and R1 / mINP (secondary) as mean ± std over seeds, the difference to the baseline over the seeds both
   have (paired t and sign-flip tests, Holm-corrected; ``reidreg.reporting.stats``), a two-level
   bootstrap over seeds and test identities from the runs' per-query results (deterministic for
-  ``--seed``; ``reidreg.reporting.bootstrap``), and the cost (``reidreg.reporting.table``);
+  ``--seed``; ``reidreg.reporting.bootstrap``), and the cost (``reidreg.reporting.table``); the notes
+  say how many paired seeds each comparison would need (``--power``; ``reidreg.reporting.power``) and,
+  with ``--sequential``, whether a Pocock rule says stop or continue (``reidreg.reporting.sequential``);
+  ``--plan`` adds the seeds to run and their command (``reidreg.reporting.plan``);
 - ``map.png`` and, for adaptive L2, ``lambda_median_<method>_<dataset>.png`` (``reidreg.reporting.plots``).
 
 The Markdown report is also printed. Runs that did not finish (failed, diverged or interrupted according to
@@ -42,7 +45,7 @@ from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
 from reidreg.reporting.plan import plan_section
 from reidreg.reporting.power import DEFAULT_POWER
-from reidreg.reporting.sequential import DEFAULT_MAX_PAIRS, DEFAULT_MIN_PAIRS, SequentialDesign
+from reidreg.reporting.sequential import DEFAULT_MAX_PAIRS, DEFAULT_MIN_PAIRS, MAX_LOOKS, SequentialDesign
 from reidreg.reporting.table import Row, build_rows
 from reidreg.reporting.table_text import legend, markdown_table, write_csv
 from reidreg.run_dir import RunDir
@@ -287,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.power < 1:
         parser.error(f"--power must be between 0 and 1 (got {args.power})")
-    if not 2 <= args.min_seeds <= args.max_seeds:
+    if not 2 <= args.min_seeds <= args.max_seeds <= MAX_LOOKS:
         parser.error(
-            f"--min-seeds must be at least 2 and at most --max-seeds "
+            f"--min-seeds must be at least 2 and at most --max-seeds, itself at most {MAX_LOOKS} "
             f"(got {args.min_seeds} and {args.max_seeds})"
         )
     if args.bootstrap_samples < 100:

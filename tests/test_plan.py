@@ -86,6 +86,7 @@ def test_bad_power_and_looks_are_refused_before_any_work(tmp_path, capsys):
     for argv, message in [
         (["--power", "1.5"], "--power must be between 0 and 1 (got 1.5)"),
         (["--min-seeds", "5", "--max-seeds", "4"], "--min-seeds must be at least 2 and at most --max-seeds"),
+        (["--max-seeds", "51"], "itself at most 50 (got 3 and 51)"),
     ]:
         with pytest.raises(SystemExit) as stop:
             main([str(tmp_path / "nowhere"), *argv])

@@ -31,6 +31,7 @@ from scipy import stats
 CALIBRATION_STUDIES = 200_000
 CALIBRATION_SEED = 0
 DEFAULT_MIN_PAIRS, DEFAULT_MAX_PAIRS = 3, 10
+MAX_LOOKS = 50  # the calibration holds CALIBRATION_STUDIES × max_pairs values in memory
 DECIDED, CONTINUE, FUTILE = "decided", "continue", "futile"
 
 
@@ -66,10 +67,10 @@ class SequentialDesign:
     max_pairs: int = DEFAULT_MAX_PAIRS
 
     def __post_init__(self) -> None:
-        if not 2 <= self.min_pairs <= self.max_pairs:
+        if not 2 <= self.min_pairs <= self.max_pairs <= MAX_LOOKS:
             raise ValueError(
-                f"--min-seeds must be at least 2 and at most --max-seeds (got {self.min_pairs} and "
-                f"{self.max_pairs})"
+                f"--min-seeds must be at least 2 and at most --max-seeds, itself at most {MAX_LOOKS} "
+                f"(got {self.min_pairs} and {self.max_pairs})"
             )
 
     @property

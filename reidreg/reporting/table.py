@@ -9,6 +9,8 @@ per-query bootstrap of ``reidreg.reporting.bootstrap``) and its cost; as Markdow
   named in the notes. With at least 2 shared seeds the comparison is paired, else Welch's unpaired test.
 - Primary metric: mAP. Its p values are Holm-corrected over the methods compared with one baseline
   (per dataset), and a star marks Holm p < α. R1 and mINP are secondary: raw p, never starred.
+- Planning: every paired mAP comparison gets a note with the pairs its paired t test would need
+  (``reidreg.reporting.power``) and, with a ``SequentialDesign``, its sequential decision.
 - Searches: rows that differ only in a numeric option of the same regularizer (a λ grid) are marked as
   a search; picking the best of them by its test score overstates it.
 - Cost, from each run's ``run.json`` ``performance`` (runs without it are left out of these figures): the
