@@ -18,7 +18,8 @@ def test_pairs_needed_matches_statsmodels_to_one_seed(alpha, power):
         theirs = TTestPower().solve_power(
             effect_size=effect_size, alpha=alpha, power=power, alternative="two-sided"
         )
-        assert ours == max(2, math.ceil(theirs)) or abs(ours - theirs) <= 1, (effect_size, ours, theirs)
+        # exactly statsmodels' fractional n rounded up (the issue asks for 1 seed; it is 0 on this grid)
+        assert ours == max(2, math.ceil(theirs)), (effect_size, ours, theirs)
         # and it is the smallest such n
         assert paired_t_power(pairs=ours, effect_size=effect_size, alpha=alpha) >= power
         if ours > 2:
