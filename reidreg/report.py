@@ -8,7 +8,10 @@ parent of several):
   and R1 / mINP (secondary) as mean ± std over seeds, the difference to the baseline over the seeds both
   have (paired t and sign-flip tests, Holm-corrected; ``reidreg.reporting.stats``), a two-level
   bootstrap over seeds and test identities from the runs' per-query results (deterministic for
-  ``--seed``; ``reidreg.reporting.bootstrap``), and the cost (``reidreg.reporting.table``);
+  ``--seed``; ``reidreg.reporting.bootstrap``), and the cost (``reidreg.reporting.table``); the notes
+  say how many paired seeds each comparison would need (``--power``; ``reidreg.reporting.power``) and,
+  with ``--sequential``, whether a Pocock rule says stop or continue (``reidreg.reporting.sequential``);
+  ``--plan`` adds the seeds to run and their command (``reidreg.reporting.plan``);
 - ``map.png`` and, for adaptive L2, ``lambda_median_<method>_<dataset>.png`` (``reidreg.reporting.plots``).
 
 The Markdown report is also printed. Runs that did not finish (failed, diverged or interrupted according to
@@ -40,6 +43,9 @@ from reidreg.reporting.environment import (
 )
 from reidreg.reporting.gather import FINISHED, Run, Study, gather
 from reidreg.reporting.methods import comparability_notes, method_labels
+from reidreg.reporting.plan import plan_section
+from reidreg.reporting.power import DEFAULT_POWER
+from reidreg.reporting.sequential import DEFAULT_MAX_PAIRS, DEFAULT_MIN_PAIRS, MAX_LOOKS, SequentialDesign
 from reidreg.reporting.table import Row, build_rows
 from reidreg.reporting.table_text import legend, markdown_table, write_csv
 from reidreg.run_dir import RunDir
@@ -171,6 +177,9 @@ def report(
     seed: int = 0,
     samples: int = DEFAULT_SAMPLES,
     allow_mixed: bool = False,
+    power: float = DEFAULT_POWER,
+    sequential: SequentialDesign | None = None,
+    plan: bool = False,
 ) -> tuple[str, list[Path]]:
     """Write the report of the runs under ``paths``; returns its Markdown text and the files written.
 
@@ -182,7 +191,16 @@ def report(
         raise FileNotFoundError(f"no run directory (config.yaml, test_metrics.json or .hydra/) under {paths}")
     finished = study.finished
     labels = method_labels(study.runs)
-    rows, notes = build_rows(study.runs, labels, baseline=baseline, alpha=alpha, seed=seed, samples=samples)
+    rows, notes = build_rows(
+        study.runs,
+        labels,
+        baseline=baseline,
+        alpha=alpha,
+        seed=seed,
+        samples=samples,
+        power=power,
+        sequential=sequential,
+    )
     notes += comparability_notes(finished, labels)
     legacy = without_provenance(finished)
     if legacy:
@@ -204,6 +222,8 @@ def report(
     if mixed and not allow_mixed:
         raise ConfigError(mixing_refusal(mixed))
     text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe, mixed=mixed)
+    if plan:
+        text += plan_section(rows, study.runs) + "\n"
 
     out_dir = out_dir or common
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +259,42 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compare runs that differ in dataset content, precision or device class (marked in the report)",
     )
+    parser.add_argument(
+        "--power",
+        type=float,
+        default=DEFAULT_POWER,
+        help=f"power the seeds-needed figures aim at (default {DEFAULT_POWER})",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="apply a Pocock group-sequential rule to each paired comparison: stop, continue or futile",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="add the seeds to run per method, and the reidreg.train command that runs them",
+    )
+    parser.add_argument(
+        "--min-seeds",
+        type=int,
+        default=DEFAULT_MIN_PAIRS,
+        help=f"first look of --sequential, in pairs (default {DEFAULT_MIN_PAIRS})",
+    )
+    parser.add_argument(
+        "--max-seeds",
+        type=int,
+        default=DEFAULT_MAX_PAIRS,
+        help=f"last look of --sequential, in pairs (default {DEFAULT_MAX_PAIRS})",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.power < 1:
+        parser.error(f"--power must be between 0 and 1 (got {args.power})")
+    if not 2 <= args.min_seeds <= args.max_seeds <= MAX_LOOKS:
+        parser.error(
+            f"--min-seeds must be at least 2 and at most --max-seeds, itself at most {MAX_LOOKS} "
+            f"(got {args.min_seeds} and {args.max_seeds})"
+        )
     if args.bootstrap_samples < 100:
         parser.error(f"--bootstrap-samples must be at least 100 (got {args.bootstrap_samples})")
     if not 0 < args.alpha < 1:
@@ -254,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             samples=args.bootstrap_samples,
             allow_mixed=args.allow_mixed,
+            power=args.power,
+            plan=args.plan,
+            sequential=(
+                SequentialDesign(args.alpha, min_pairs=args.min_seeds, max_pairs=args.max_seeds)
+                if args.sequential
+                else None
+            ),
         )
     except (FileNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)

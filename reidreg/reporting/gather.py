@@ -45,6 +45,7 @@ class Run:
     choices: dict[str, Any] = field(default_factory=dict)  # chosen option of every config group (.hydra)
     job_num: int | None = None  # position of the job in its multirun
     job_name: str | None = None  # Hydra's job name; the job log is <run_dir>/<job_name>.log
+    launch: list[str] = field(default_factory=list)  # --config-dir/--config-name it was launched with
 
     @property
     def status(self) -> str | None:
@@ -175,7 +176,20 @@ def load_run(run_dir: Path) -> Run:
         choices=dict(hydra.get("runtime", {}).get("choices", {})),
         job_num=num if isinstance(num, int) and hydra.get("mode") == "MULTIRUN" else None,
         job_name=job.get("name"),
+        launch=_launch_options(hydra),
     )
+
+
+def _launch_options(hydra: dict[str, Any]) -> list[str]:
+    """``--config-dir D --config-name N`` of a job started from a study file (``sweeps/``), else []."""
+    name = (hydra.get("job") or {}).get("config_name")
+    if not name or name == "train":
+        return []
+    sources = (hydra.get("runtime") or {}).get("config_sources") or []
+    dirs = [
+        str(s.get("path", "")).removeprefix("file://") for s in sources if s.get("provider") == "command-line"
+    ]
+    return [*(["--config-dir", dirs[0]] if dirs else []), "--config-name", str(name)]
 
 
 def _load_overrides(path: Path) -> list[Any]:

@@ -9,6 +9,8 @@ per-query bootstrap of ``reidreg.reporting.bootstrap``) and its cost; as Markdow
   named in the notes. With at least 2 shared seeds the comparison is paired, else Welch's unpaired test.
 - Primary metric: mAP. Its p values are Holm-corrected over the methods compared with one baseline
   (per dataset), and a star marks Holm p < α. R1 and mINP are secondary: raw p, never starred.
+- Planning: every paired mAP comparison gets a note with the pairs its paired t test would need
+  (``reidreg.reporting.power``) and, with a ``SequentialDesign``, its sequential decision.
 - Searches: rows that differ only in a numeric option of the same regularizer (a λ grid) are marked as
   a search; picking the best of them by its test score overstates it.
 - Cost, from each run's ``run.json`` ``performance`` (runs without it are left out of these figures): the
@@ -33,6 +35,8 @@ from reidreg.per_query import PerQuery
 from reidreg.reporting.bootstrap import DEFAULT_SAMPLES, BootstrapResult, DatasetBootstrap
 from reidreg.reporting.gather import FINISHED, Run
 from reidreg.reporting.methods import settings
+from reidreg.reporting.power import DEFAULT_POWER, SeedPlan, describe_plan, plan_seeds
+from reidreg.reporting.sequential import SequentialDecision, SequentialDesign, decide, describe_decision
 from reidreg.reporting.stats import (
     Difference,
     Summary,
@@ -58,6 +62,8 @@ class MetricComparison:
     significant: bool | None = None  # primary metric only: Holm p < α
     bootstrap: BootstrapResult | None = None  # primary metric, paired comparisons only
     why_no_bootstrap: str | None = None
+    plan: SeedPlan | None = None  # primary metric, paired comparisons only
+    sequential: SequentialDecision | None = None  # primary metric, paired, with --sequential only
 
 
 @dataclass
@@ -158,10 +164,13 @@ def build_rows(
     alpha: float = 0.05,
     seed: int = 0,
     samples: int = DEFAULT_SAMPLES,
+    power: float = DEFAULT_POWER,
+    sequential: SequentialDesign | None = None,
 ) -> tuple[list[Row], list[str]]:
     """The rows (per dataset: baseline first, then methods in order of first appearance) and notes.
 
-    ``runs``: every run, finished or not; ``seed`` and ``samples`` drive the bootstrap.
+    ``runs``: every run, finished or not; ``seed`` and ``samples`` drive the bootstrap; ``power`` sizes
+    the seeds-needed plan of each paired comparison; ``sequential`` applies that rule to them.
     """
     grouped: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
@@ -201,6 +210,7 @@ def build_rows(
             dataset_rows.remove(reference)
             dataset_rows.insert(0, reference)
             notes += _compare(dataset_rows, reference, alpha, seed=seed, samples=samples)
+            notes += _plan(dataset_rows, reference, alpha, power=power, sequential=sequential)
         rows += dataset_rows
     return rows, notes
 
@@ -252,6 +262,35 @@ def _compare(rows: list[Row], reference: Row, alpha: float, *, seed: int, sample
         comparison.p_holm, comparison.p_sign_flip_holm = p_holm, p_flip_holm
         comparison.significant = None if p_holm is None else p_holm < alpha
     notes += _bootstrap(others, reference, pairs, seed=seed, samples=samples)
+    return notes
+
+
+def _seed_order(seed_keys: list[str]) -> list[str]:
+    """Numeric seeds in increasing order (the order a study adds them), others as they are."""
+    values = [json.loads(key) for key in seed_keys]
+    if all(isinstance(value, int | float) and not isinstance(value, bool) for value in values):
+        return [key for _, key in sorted(zip(values, seed_keys, strict=True))]
+    return seed_keys
+
+
+def _plan(
+    rows: list[Row], reference: Row, alpha: float, *, power: float, sequential: SequentialDesign | None
+) -> list[str]:
+    """The seeds-needed plan (and the sequential decision) of every paired primary comparison, as notes."""
+    notes = []
+    base = reference.metrics.get(PRIMARY)
+    for row in rows:
+        comparison = row.metrics.get(PRIMARY)
+        if row is reference or comparison is None or comparison.difference.pairs < 2:
+            continue
+        common = _seed_order([s for s in _single_seeds(row) if s in _single_seeds(reference)])
+        differences = [comparison.values[s] - base.values[s] for s in common]
+        comparison.plan = plan_seeds(differences, alpha=alpha, power=power)
+        text = describe_plan(comparison.plan, metric=PRIMARY, alpha=alpha, power=power)
+        if sequential is not None:
+            comparison.sequential = decide(sequential, differences)
+            text += "; " + describe_decision(comparison.sequential, sequential, have=len(differences))
+        notes.append(f"{row.method} vs {reference.method} on {row.dataset}: {text}")
     return notes
 
 

@@ -221,6 +221,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
         "mAP_p_improvement",
         "mAP_p_improvement_low",
         "mAP_p_improvement_high",
+        "mAP_pairs_needed",
+        "mAP_sequential",
         "train_img_per_s_median",
         "train_img_per_s_ratio",
         "train_img_per_s_values",
@@ -273,6 +275,11 @@ def write_csv(rows: list[Row], path: Path) -> None:
                     "mAP_p_improvement_low": boot.p_improvement_low,
                     "mAP_p_improvement_high": boot.p_improvement_high,
                 }
+            plan = row.metrics[PRIMARY].plan if row.runs else None
+            if plan is not None:  # empty where the plan has no number (its note says why)
+                record["mAP_pairs_needed"] = _blank(plan.needed)
+                sequential = row.metrics[PRIMARY].sequential
+                record["mAP_sequential"] = sequential.outcome if sequential else ""
             cost = row.cost
             record |= {
                 "train_img_per_s_median": _blank(cost.img_per_s),
