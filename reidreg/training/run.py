@@ -254,8 +254,8 @@ def train_and_test(
             record.check_same_data(provenance)
     run_dir.mkdir(parents=True, exist_ok=True)
     continue_logging_in(run_dir)
-    atomic_write(RunDir(run_dir).config, config_text)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # the run directory is rank 0's, whichever node the others run on
+        atomic_write(RunDir(run_dir).config, config_text)
         save_source_patch(RunDir(run_dir).patch, patch, resumed=ckpt_path is not None)
         record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
         for logger in trainer.loggers:
