@@ -10,15 +10,17 @@ resume command must end as if never stopped.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.test_phases import DDP_RUN, assert_same_ddp_run_resumed_mid_epoch, assert_same_run
-from tests.test_resume import cli, wait_for_mid_epoch_checkpoint
+from tests.test_resume import REPO, cli, wait_for_mid_epoch_checkpoint
 
 # The same global batch as DDP_RUN's two devices: P identities per process, two processes. One CPU
 # thread per process on both sides: the float rounding of a CPU kernel depends on its thread count.
@@ -38,16 +40,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_nodes(run_dir: Path, *overrides: str, data_dir: Path) -> list[subprocess.Popen]:
-    """The two node processes of one run, started as a cluster starts them (node 0 first)."""
+def launch_nodes(
+    run_dir: Path, *overrides: str, data_dir: Path, torchrun: bool = False
+) -> list[subprocess.Popen]:
+    """The two node processes of one run, started as a cluster starts them: with MASTER_ADDR, MASTER_PORT
+    and NODE_RANK set (Lightning's LightningEnvironment), or by ``torchrun`` (TorchElasticEnvironment)."""
     port = str(free_port())
+    if not torchrun:
+        return [
+            cli(
+                run_dir,
+                *overrides,
+                data_dir=data_dir,
+                background=True,
+                env={**THREADS, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node)},
+            )
+            for node in (0, 1)
+        ]
     return [
-        cli(
-            run_dir,
-            *overrides,
-            data_dir=data_dir,
-            background=True,
-            env={**THREADS, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node)},
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "torch.distributed.run"),  # the program of the ``torchrun`` command
+                *("--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}"),
+                *("--master-addr=127.0.0.1", f"--master-port={port}", "-m", "reidreg.train"),
+                *(overrides),
+                *(f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **THREADS},
         )
         for node in (0, 1)
     ]
@@ -72,10 +94,12 @@ def two_devices(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow  # a 2-process run and a pair of node processes
-def test_two_nodes_are_the_same_run_as_two_devices_on_one_node(tmp_path, two_devices):
+@pytest.mark.parametrize("torchrun", [False, True], ids=["environment", "torchrun"])
+def test_two_nodes_are_the_same_run_as_two_devices_on_one_node(tmp_path, two_devices, torchrun):
     reference, data_dir = two_devices
     run_dir = tmp_path / "run"
-    (code0, out0, err0), (code1, out1, err1) = finish(launch_nodes(run_dir, *NODES_RUN, data_dir=data_dir))
+    nodes = launch_nodes(run_dir, *NODES_RUN, data_dir=data_dir, torchrun=torchrun)
+    (code0, out0, err0), (code1, out1, err1) = finish(nodes)
     assert (code0, code1) == (0, 0), err0 + err1
     assert_same_run(run_dir, reference)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
