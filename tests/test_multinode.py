@@ -149,3 +149,13 @@ def test_a_multi_node_launch_that_cannot_work_is_refused_in_one_line(tmp_path, n
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_multi_node_run_without_its_own_run_dir_is_refused(tmp_path):
+    """Hydra's default run directory is named by each process's clock: the nodes would write to two."""
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "NODE_RANK": "0"}
+    command = [sys.executable, "-m", "reidreg.train", "trainer.num_nodes=2", f"paths.data_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=environment)
+    assert result.returncode == 2, result.stderr
+    assert "give every process the same hydra.run.dir=<run dir>" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -6,8 +6,10 @@ Lightning picks the cluster environment from the process's variables: SLURM's (`
 reads ``MASTER_ADDR``, ``MASTER_PORT`` and ``NODE_RANK`` that the user sets on every node. Without them
 node 0 would pick a random port and wait for the other nodes until the collective's timeout (30 min);
 with a ``NODE_RANK`` or ``WORLD_SIZE`` that does not fit the trainer's topology, nodes would train as
-separate runs in one directory, or Lightning would refuse only after the data was prepared. Standard
-library only (the options are checked before torch loads).
+separate runs in one directory, or Lightning would refuse only after the data was prepared. And every
+process of the run must write to one run directory: Hydra's default ``hydra.run.dir`` is named by each
+process's own clock, so processes that another launcher started need it given. Standard library only
+(the options are checked before torch loads).
 """
 
 from __future__ import annotations
@@ -47,3 +49,16 @@ def launch_problems(valid: Mapping[str, Any], environ: Mapping[str, str] = os.en
             f"set WORLD_SIZE={world}; expected trainer.num_nodes × trainer.devices = WORLD_SIZE"
         )
     return problems
+
+
+def run_dir_problem(run_dir_template: str, nodes: int, environ: Mapping[str, str] = os.environ) -> str | None:
+    """A new run whose processes a launcher other than Lightning's starts (other nodes, torchrun) would
+    name its directory by each process's clock (``${now:...}`` in ``hydra.run.dir``): one line, else None.
+    Lightning's own launcher hands its ranks the main process's ``hydra.run.dir``."""
+    external = (isinstance(nodes, int) and nodes > 1) or all(name in environ for name in TORCHRUN_VARIABLES)
+    if not external or "${now:" not in run_dir_template:
+        return None
+    return (
+        f"hydra.run.dir={run_dir_template}: each process of a run with several nodes or started by torchrun "
+        "would name its own directory by its clock; give every process the same hydra.run.dir=<run dir>"
+    )
