@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -159,3 +160,24 @@ def test_a_multi_node_run_without_its_own_run_dir_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "give every process the same hydra.run.dir=<run dir>" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # a pair of node processes, one of them stopped for distributed.timeout_s
+def test_a_hung_node_ends_the_run_after_the_collective_timeout(tmp_path, two_devices):
+    """A node that stops answering without closing its connections (SIGSTOP here; a frozen machine or a
+    network partition on a cluster) is noticed only by the timeout of the collective the others wait in."""
+    _, data_dir = two_devices
+    run_dir = tmp_path / "run"
+    nodes = launch_nodes(run_dir, *NODES_RUN, "distributed.timeout_s=10", data_dir=data_dir)
+    try:
+        wait_for_mid_epoch_checkpoint(nodes[0], run_dir, steps_per_epoch=8)
+        nodes[1].send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        nodes[0].wait(timeout=EXIT_BOUND_S)
+        took = time.monotonic() - start
+    finally:
+        nodes[1].kill()
+    (code, _, err), _ = finish(nodes)
+    assert code == 1 and 10 <= took < 10 + EXIT_BOUND_S, (took, err)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "Timed out" in record["reason"]
