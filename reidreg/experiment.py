@@ -33,6 +33,7 @@ OPERATIONAL = (
     "checkpoint.signals",
     "checkpoint.requeue",
     "divergence",
+    "distributed",
     "data.root",
     "data.num_workers",
     "data.batch_size_test",

@@ -196,9 +196,15 @@ def in_use_message(run_dir: str | Path, holder: dict[str, Any] | None) -> str:
     )
 
 
+#: Set by launchers to a process's rank: Lightning's (``LOCAL_RANK``; ``NODE_RANK`` on other nodes), SLURM
+#: (``SLURM_PROCID``), torchrun (``RANK``, ``GROUP_RANK``: its node 1 has ``LOCAL_RANK=0``).
+RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK", "GROUP_RANK")
+
+
 def is_secondary_process() -> bool:
-    """A process started for another rank of a multi-process run (it shares rank 0's run directory)."""
-    return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+    """A process started for another rank of a multi-process run (it shares global rank 0's run directory,
+    on another node too: a cluster's run directory is on a shared file system)."""
+    return any(os.environ.get(name, "0") != "0" for name in RANK_VARIABLES)
 
 
 def read_checkpoint(path: str | Path, *, option: str = "ckpt_path") -> dict[str, Any]:

@@ -258,10 +258,15 @@ def test_ddp_sigkill_of_the_main_process_takes_every_rank_with_it(tmp_path, refe
     assert resumed.returncode == 0, resumed.stderr
     resume = json.loads((run_dir / "run.json").read_text())["resumes"][0]  # the next start tells
     assert resume["previous_status"].startswith("running: its process ended without recording why")
-    # Known, reported: the first validation after a DDP run resumed in the middle of an epoch ranks one
-    # query differently (every tensor, the later validations, best.ckpt and the test are identical).
-    assert_same_run(run_dir, ddp_reference, history=False)
-    rows, reference_rows = csv_rows(run_dir), csv_rows(ddp_reference)
+    assert_same_ddp_run_resumed_mid_epoch(run_dir, ddp_reference)
+
+
+def assert_same_ddp_run_resumed_mid_epoch(run_dir: Path, reference: Path) -> None:
+    """``assert_same_run`` for a DDP run killed mid-epoch and resumed. Known, reported: the first validation
+    after a DDP run resumed in the middle of an epoch ranks one query differently (every tensor, the later
+    validations, best.ckpt and the test are identical)."""
+    assert_same_run(run_dir, reference, history=False)
+    rows, reference_rows = csv_rows(run_dir), csv_rows(reference)
     differing = [row for row, reference_row in zip(rows, reference_rows, strict=True) if row != reference_row]
     assert len(differing) <= 1 and all("val/mAP" in row for row in differing), differing
 

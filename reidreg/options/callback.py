@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from reidreg.errors import ConfigError
 from reidreg.options.check import COMMANDS, config_problems
 from reidreg.options.folders import output_dir_problem, path_problems
+from reidreg.options.launch import run_dir_problem
 from reidreg.options.rules import raise_if_any
 
 
@@ -44,6 +45,9 @@ class ValidateBeforeRun(Callback):
                 output_option = "paths.output_dir"
                 problems.append(output_dir_problem(run_dir, "hydra.run.dir"))
         problems += path_problems(task_cfg, output_option)
+        if self.task == "train" and task_cfg.get("ckpt_path") is None:  # a resume runs in its own folder
+            template = OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
+            problems.append(run_dir_problem(str(template), task_cfg.trainer.get("num_nodes") or 1))
         exit_if_any(config_problems(task_cfg, self.task, extra=[p for p in problems if p]))
         if self.task == "train":
             _exit_if_run_dir_taken(str(task_cfg.paths.output_dir), task_cfg)

@@ -2,7 +2,8 @@
 
 Each relation runs only when the options it reads passed their own rules (``valid``: key → value): the
 frozen-backbone epochs and ``trainer.max_epochs``, the triplet loss's P and K, the regional stripes and the
-image height; an FGSM attack is one step; an export file's suffix names its format.
+image height; the trainer's topology and the launch environment (``reidreg.options.launch``); an FGSM
+attack is one step; an export file's suffix names its format.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
+from reidreg.options.launch import launch_problems
 from reidreg.options.rules import show, unknown_option
 from reidreg.options.tables import EXPORT_FORMATS
 
@@ -83,7 +85,7 @@ def train_relation_problems(valid: Mapping[str, Any]) -> list[str]:
                 f"{rows} rows (height / {stride}), which cuts into {stripes_cut(rows, wanted)} stripes, not "
                 f"{wanted}; expected one of {', '.join(map(str, possible))} (or a larger data.height)"
             )
-    return problems
+    return problems + launch_problems(valid)
 
 
 def evaluate_relation_problems(valid: Mapping[str, Any]) -> list[str]:

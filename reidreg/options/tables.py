@@ -164,6 +164,7 @@ TRAIN_OPTIONS: dict[str, Rule] = {
     "divergence.factor": number(gt=1),
     "divergence.reference_steps": integer(min=1),
     "divergence.check_every_n_steps": integer(min=1),
+    "distributed.timeout_s": number(gt=0),
     "progress.mode": choice("auto", "bar", "lines", "off"),
     "progress.every_n_steps": integer(min=1),
     "progress.every_n_seconds": optional(number(gt=0)),

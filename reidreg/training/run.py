@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 
 from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
 from reidreg.existing_run import finished_message, finished_results
@@ -174,6 +176,7 @@ def build_trainer(
     overrides["enable_progress_bar"] = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
     overrides["enable_model_summary"] = False  # console_callbacks' CompactModelSummary replaces Lightning's
     overrides.update(settings.trainer_kwargs())  # precision (auto resolved) and cudnn.benchmark
+    overrides["strategy"] = strategy_with_timeout(cfg)
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -183,6 +186,17 @@ def build_trainer(
         **overrides,
     )
     return trainer, resume_point
+
+
+def strategy_with_timeout(cfg: DictConfig) -> str | DDPStrategy:
+    """``trainer.strategy`` as Lightning's registered DDP strategy of that name (``auto`` with several
+    processes: ``ddp``, Lightning's choice) waiting ``distributed.timeout_s`` in a collective; any other
+    strategy, or ``auto`` on one process, as it is."""
+    name = "ddp" if cfg.trainer.strategy == "auto" and world_size(cfg) > 1 else cfg.trainer.strategy
+    if name not in StrategyRegistry or not issubclass(StrategyRegistry[name]["strategy"], DDPStrategy):
+        return name
+    entry = StrategyRegistry[name]  # (its get() would build the strategy without the timeout)
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=cfg.distributed.timeout_s))
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -254,8 +268,8 @@ def train_and_test(
             record.check_same_data(provenance)
     run_dir.mkdir(parents=True, exist_ok=True)
     continue_logging_in(run_dir)
-    atomic_write(RunDir(run_dir).config, config_text)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # the run directory is rank 0's, whichever node the others run on
+        atomic_write(RunDir(run_dir).config, config_text)
         save_source_patch(RunDir(run_dir).patch, patch, resumed=ckpt_path is not None)
         record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
         for logger in trainer.loggers:
