@@ -30,7 +30,9 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reidreg.errors import ConfigError
 from reidreg.reporting.bootstrap import DEFAULT_SAMPLES
@@ -167,24 +169,38 @@ def default_out_dir(paths: list[Path]) -> Path:
     return Path(os.path.commonpath(resolved))
 
 
-def report(
+@dataclass
+class Comparison:
+    """A study gathered and compared: what ``report`` writes and ``reidreg.dashboard`` shows."""
+
+    paths: list[Path]  # the directories given
+    study: Study
+    rows: list[Row]
+    labels: dict[int, str]  # id(run) -> method name
+    text: str  # the Markdown report
+
+    @property
+    def common_dir(self) -> Path:
+        """Where the outputs go by default: the directory given, or the common parent of several."""
+        return default_out_dir(self.paths)
+
+
+def compare(
     paths: list[Path],
     *,
-    out_dir: Path | None = None,
     baseline: str | None = None,
     alpha: float = 0.05,
-    plots: bool = True,
     seed: int = 0,
     samples: int = DEFAULT_SAMPLES,
     allow_mixed: bool = False,
     power: float = DEFAULT_POWER,
     sequential: SequentialDesign | None = None,
     plan: bool = False,
-) -> tuple[str, list[Path]]:
-    """Write the report of the runs under ``paths``; returns its Markdown text and the files written.
+) -> Comparison:
+    """Gather the runs under ``paths`` and compare their methods; nothing is written.
 
-    ``ConfigError`` before anything is written when runs of one dataset differ in what they measure
-    (``reidreg.reporting.environment.mixed_runs``), unless ``allow_mixed``.
+    ``FileNotFoundError`` without runs; ``ConfigError`` when runs of one dataset differ in what they
+    measure (``reidreg.reporting.environment.mixed_runs``), unless ``allow_mixed``.
     """
     study = gather(paths)
     if not study.runs:
@@ -224,29 +240,45 @@ def report(
     text = render(study, rows, notes, paths=paths, alpha=alpha, describe=describe, mixed=mixed)
     if plan:
         text += plan_section(rows, study.runs) + "\n"
+    return Comparison(paths=list(paths), study=study, rows=rows, labels=labels, text=text)
 
-    out_dir = out_dir or common
+
+def write_report(comparison: Comparison, out_dir: Path | None = None, *, plots: bool = True) -> list[Path]:
+    """``report.md``, ``report.csv`` and (with ``plots``) the figures into ``out_dir``; the files written."""
+    out_dir = out_dir or comparison.common_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.md", out_dir / "report.csv"]
-    written[0].write_text(text)
-    write_csv(rows, written[1])
-    if plots and rows:
+    written[0].write_text(comparison.text)
+    write_csv(comparison.rows, written[1])
+    if plots and comparison.rows:
         from reidreg.reporting.plots import lambda_figures, map_figure  # matplotlib only when plotting
 
-        written.append(map_figure(rows, out_dir / "map.png"))
-        written += lambda_figures(rows, out_dir)
-    return text, written
+        written.append(map_figure(comparison.rows, out_dir / "map.png"))
+        written += lambda_figures(comparison.rows, out_dir)
+    return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reidreg.report", description=__doc__.split("\n\n")[0])
+def report(
+    paths: list[Path],
+    *,
+    out_dir: Path | None = None,
+    plots: bool = True,
+    **options: Any,
+) -> tuple[str, list[Path]]:
+    """Write the report of the runs under ``paths`` (``compare``'s ``options``); returns its Markdown text
+    and the files written. Nothing is written when ``compare`` refuses the study."""
+    comparison = compare(paths, **options)
+    return comparison.text, write_report(comparison, out_dir, plots=plots)
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study and how to compare it: the arguments ``report`` and ``reidreg.dashboard`` share."""
     parser.add_argument("paths", nargs="+", type=Path, help="multirun directories and/or run directories")
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write (default: the directory given)"
     )
     parser.add_argument("--baseline", default=None, help="method to compare with (default: none)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    parser.add_argument("--no-plots", action="store_true", help="only the Markdown and CSV tables")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument(
         "--bootstrap-samples",
@@ -287,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_PAIRS,
         help=f"last look of --sequential, in pairs (default {DEFAULT_MAX_PAIRS})",
     )
-    args = parser.parse_args(argv)
+
+
+def check_comparison_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """Refuse out-of-range options (``parser.error``: one ``error:`` line, exit 2); ``compare``'s keyword
+    arguments from ``args``."""
     if not 0 < args.power < 1:
         parser.error(f"--power must be between 0 and 1 (got {args.power})")
     if not 2 <= args.min_seeds <= args.max_seeds <= MAX_LOOKS:
@@ -299,24 +335,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--bootstrap-samples must be at least 100 (got {args.bootstrap_samples})")
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha must be between 0 and 1 (got {args.alpha})")
+    return {
+        "baseline": args.baseline,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "samples": args.bootstrap_samples,
+        "allow_mixed": args.allow_mixed,
+        "power": args.power,
+        "plan": args.plan,
+        "sequential": (
+            SequentialDesign(args.alpha, min_pairs=args.min_seeds, max_pairs=args.max_seeds)
+            if args.sequential
+            else None
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reidreg.report", description=__doc__.split("\n\n")[0])
+    add_comparison_arguments(parser)
+    parser.add_argument("--no-plots", action="store_true", help="only the Markdown and CSV tables")
+    args = parser.parse_args(argv)
+    options = check_comparison_arguments(parser, args)
     try:
-        text, written = report(
-            args.paths,
-            out_dir=args.out,
-            baseline=args.baseline,
-            alpha=args.alpha,
-            plots=not args.no_plots,
-            seed=args.seed,
-            samples=args.bootstrap_samples,
-            allow_mixed=args.allow_mixed,
-            power=args.power,
-            plan=args.plan,
-            sequential=(
-                SequentialDesign(args.alpha, min_pairs=args.min_seeds, max_pairs=args.max_seeds)
-                if args.sequential
-                else None
-            ),
-        )
+        text, written = report(args.paths, out_dir=args.out, plots=not args.no_plots, **options)
     except (FileNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
