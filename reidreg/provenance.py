@@ -62,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reidreg.metric_keys import PERFORMANCE
 from reidreg.run_dir import PATCH_FILE, atomic_write, read_checkpoint
 
 if TYPE_CHECKING:
@@ -452,5 +453,5 @@ def provenance_for_wandb(
     if provenance:
         add("provenance", dict(provenance))
     if performance:
-        add("performance", dict(performance))
+        add(PERFORMANCE, dict(performance))
     return flat

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from reidreg.errors import ConfigError
+from reidreg.metric_keys import LAMBDA_MEDIAN
 from reidreg.options.rules import boolean, choice, integer, list_of, number, optional
 from reidreg.regularizers.base import LogDict, Regularizer, StepContext, TrainStep
 from reidreg.regularizers.foreach import FlatViews, ParameterLookup, add_products_to_grads, add_to_grads
@@ -182,7 +183,7 @@ class AdaptiveL2(Regularizer):
         if log or step == 0:
             medians = self._record(step)  # step 0 too: λ = A·f(θ_init) before any update (Fig. 3's start)
             if log:
-                logs.update({f"lambda_median/{category}": value for category, value in medians.items()})
+                logs.update({f"{LAMBDA_MEDIAN}/{category}": value for category, value in medians.items()})
         return logs
 
     def on_train_end(self, module: Any) -> None:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from reidreg.metric_keys import regularizer_key
 from reidreg.models import HeadOutput
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class StepContext:
         """Keep ``values`` (detached) as ``reg/<name>/<key>`` for this step's log line."""
         for key, value in values.items():
             graph = isinstance(value, torch.Tensor) and value.requires_grad
-            self.logs[f"reg/{regularizer.name}/{key}"] = value.detach() if graph else value
+            self.logs[regularizer_key(regularizer.name, key)] = value.detach() if graph else value
 
 
 @dataclass

@@ -21,11 +21,10 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from reidreg.metric_keys import LAMBDA_MEDIAN_KEY  # noqa: E402
 from reidreg.reporting.gather import Run  # noqa: E402
 from reidreg.reporting.table import Row  # noqa: E402
 from reidreg.run_dir import CSV_METRICS  # noqa: E402
-
-LAMBDA_COLUMN = re.compile(r"^reg/[^/]+/lambda_median/(?P<category>.+)$")
 
 
 def map_figure(rows: list[Row], path: Path) -> Path:
@@ -61,7 +60,7 @@ def lambda_history(run: Run) -> dict[str, dict[int, float]]:
     with path.open(newline="") as file:
         for record in csv.DictReader(file):
             for column, value in record.items():
-                match = LAMBDA_COLUMN.match(column or "")
+                match = LAMBDA_MEDIAN_KEY.match(column or "")
                 if match and value not in ("", None):
                     history[match["category"]][int(float(record["step"]))] = float(value)
     return dict(history)
@@ -79,24 +78,32 @@ def over_seeds(series: list[dict[int, float]]) -> tuple[list[int], list[float], 
     )
 
 
+def lambda_figure(row: Row) -> plt.Figure | None:
+    """The median λ per category over steps of one method's runs; None if none logged it."""
+    histories = [h for h in (lambda_history(run) for run in row.runs) if h]
+    if not histories:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    top = 0.0
+    for index, category in enumerate(dict.fromkeys(c for h in histories for c in h)):
+        steps, median, low, high = over_seeds([h[category] for h in histories if category in h])
+        axis.plot(steps, median, color=f"C{index}", label=category)
+        axis.fill_between(steps, low, high, color=f"C{index}", alpha=0.2)
+        top = max(top, *high)
+    axis.set(xlabel="step", ylabel="median λ of the category (median over seeds)")
+    axis.set_title(f"{row.method} on {row.dataset}, {len(histories)} seed(s)", fontsize=10)
+    axis.set_ylim(0, 1.1 * top or 1.0)  # λ starts at A/2: room above it, so the curves stay visible
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def lambda_figures(rows: list[Row], out_dir: Path) -> list[Path]:
     paths = []
     for row in rows:
-        histories = [h for h in (lambda_history(run) for run in row.runs) if h]
-        if not histories:
+        figure = lambda_figure(row)
+        if figure is None:
             continue
-        figure, axis = plt.subplots(figsize=(6.5, 4))
-        top = 0.0
-        for index, category in enumerate(dict.fromkeys(c for h in histories for c in h)):
-            steps, median, low, high = over_seeds([h[category] for h in histories if category in h])
-            axis.plot(steps, median, color=f"C{index}", label=category)
-            axis.fill_between(steps, low, high, color=f"C{index}", alpha=0.2)
-            top = max(top, *high)
-        axis.set(xlabel="step", ylabel="median λ of the category (median over seeds)")
-        axis.set_title(f"{row.method} on {row.dataset}, {len(histories)} seed(s)", fontsize=10)
-        axis.set_ylim(0, 1.1 * top or 1.0)  # λ starts at A/2: room above it, so the curves stay visible
-        axis.legend(fontsize=8)
-        figure.tight_layout()
         path = out_dir / f"lambda_median_{_slug(row.method)}_{_slug(row.dataset)}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reidreg.metric_keys import TEST, metric_key
 from reidreg.per_query import PerQuery
 from reidreg.reporting.bootstrap import DEFAULT_SAMPLES, BootstrapResult, DatasetBootstrap
 from reidreg.reporting.gather import FINISHED, Run
@@ -138,7 +139,7 @@ def _per_seed(runs: list[Run], metric: str) -> dict[str, float]:
     """Seed -> score in % (the mean of the seed's runs if it has several), in order of first appearance."""
     by_seed: dict[str, list[float]] = defaultdict(list)
     for run in runs:
-        by_seed[_seed_key(run)].append(100 * float(run.metrics[f"test/{metric}"]))
+        by_seed[_seed_key(run)].append(100 * float(run.metrics[metric_key(TEST, metric)]))
     return {seed: float(np.mean(values)) for seed, values in by_seed.items()}
 
 

@@ -23,13 +23,12 @@ from torch import nn
 
 from reidreg.evaluation import ReIDMetric
 from reidreg.losses import ReIDLoss
+from reidreg.metric_keys import REPORTED_METRICS, TEST, VAL, metric_key
 from reidreg.models import ReIDModel
 from reidreg.regularizers import StepContext
 from reidreg.run_dir import STORED_CONFIG_KEY
 from reidreg.training.schedule import set_epoch_lr
 from reidreg.training.step import TrainingStep
-
-REPORTED_METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 
 
 class ReIDModule(pl.LightningModule):
@@ -167,7 +166,7 @@ class ReIDModule(pl.LightningModule):
     def _evaluation_end(self, metric: ReIDMetric, prefix: str) -> None:
         results = metric.compute()
         metric.reset()
-        scalars = {f"{prefix}/{key}": float(results[key]) for key in REPORTED_METRICS}
+        scalars = {metric_key(prefix, key): float(results[key]) for key in REPORTED_METRICS}
         # Gathered over ranks by the metric, so identical on every rank: "max" over ranks is that value
         # exactly (a mean could round); unsynced epoch-level values make Lightning warn under DDP.
         self.log_dict(scalars, sync_dist=True, reduce_fx="max")
@@ -176,13 +175,13 @@ class ReIDModule(pl.LightningModule):
         self._evaluation_step(self.val_metric, batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._evaluation_end(self.val_metric, "val")
+        self._evaluation_end(self.val_metric, VAL)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(self.test_metric, batch)
 
     def on_test_epoch_end(self) -> None:
-        self._evaluation_end(self.test_metric, "test")
+        self._evaluation_end(self.test_metric, TEST)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:

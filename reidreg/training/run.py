@@ -25,6 +25,7 @@ from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 
 from reidreg.errors import ConfigError, ReIDRegError, RunInterrupted, RunStopped, one_line
 from reidreg.existing_run import finished_message, finished_results
+from reidreg.metric_keys import REPORTED_METRICS, TEST, metric_key
 from reidreg.models import build_reid_model
 from reidreg.provenance import (
     DatasetSummary,
@@ -54,13 +55,13 @@ from reidreg.training.device_settings import (
     resolve_device_settings,
     with_fused_adam,
 )
-from reidreg.training.module import REPORTED_METRICS, ReIDModule
+from reidreg.training.module import ReIDModule
 from reidreg.training.resume import resumed_config
 from reidreg.training.run_record import RunRecord
 from reidreg.training.summary import log_run_summary
 from reidreg.utils.cli import continue_logging_in, print_metrics_table, remove_unused_run_dir
 from reidreg.utils.config import flatten, instantiate
-from reidreg.utils.loggers import build_loggers, finish_wandb
+from reidreg.utils.loggers import build_loggers, finish_wandb, wandb_group
 
 log = logging.getLogger(__name__)
 # Emitted by Lightning's own code under torch >= 2.10 at every step; nothing a user can act on.
@@ -271,7 +272,12 @@ def train_and_test(
     if trainer.is_global_zero:  # the run directory is rank 0's, whichever node the others run on
         atomic_write(RunDir(run_dir).config, config_text)
         save_source_patch(RunDir(run_dir).patch, patch, resumed=ckpt_path is not None)
-        record.start(provenance=provenance, resumed_from=ckpt_path, global_step=resume_step or 0)
+        record.start(
+            provenance=provenance,
+            resumed_from=ckpt_path,
+            global_step=resume_step or 0,
+            wandb_group=wandb_group(cfg),
+        )
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(provenance_for_wandb(provenance))
@@ -331,7 +337,7 @@ def fit_and_test(
         if trainer.is_global_zero:
             checkpoint = best_path or "final weights (no validation hold-out)"
             tested = module.test_metric.last_result  # float64 (Lightning logs float32) and every query
-            results.update({f"test/{key}": float(tested[key]) for key in REPORTED_METRICS})
+            results.update({metric_key(TEST, key): float(tested[key]) for key in REPORTED_METRICS})
             results.update(num_valid_queries=tested["num_valid_queries"], num_queries=tested["num_queries"])
             tested["per_query"].save(RunDir(run_dir).per_query)
             tested_weights = tested_checkpoint(

@@ -48,15 +48,25 @@ class RunRecord:
                 "directory"
             )
 
-    def start(self, *, provenance: dict[str, Any], resumed_from: str | None, global_step: int) -> None:
+    def start(
+        self,
+        *,
+        provenance: dict[str, Any],
+        resumed_from: str | None,
+        global_step: int,
+        wandb_group: str | None = None,
+    ) -> None:
         """Mark the run as running. A resume keeps the first start time, the earlier wall time and the
-        first provenance (what changed, such as the host, is noted with the resume)."""
+        first provenance (what changed, such as the host, is noted with the resume). ``wandb_group``: the
+        run's W&B group (``reidreg.utils.loggers.wandb_group``), which dashboards select runs by."""
         previous_status = self.data.get("status")
         if resumed_from is None:  # a new run (a run killed before its first resume point starts over)
             self.data, self._previous_wall_time = {}, 0.0
         self.data.setdefault("started_at", _now())
         self.data.setdefault("provenance", provenance)
         self.data.update(status="running", reason=None, ended_at=None)
+        if wandb_group is not None:
+            self.data["wandb_group"] = wandb_group
         self.data.setdefault("resumes", [])
         if resumed_from is not None:
             resume: dict[str, Any] = {"at": _now(), "ckpt_path": resumed_from, "global_step": global_step}

@@ -114,17 +114,24 @@ def method_group(cfg: DictConfig) -> tuple[str, str]:
     return f"{cfg.dataset.name}/{regularizer_name(cfg.get('regularizer'))}/{digest[:10]}", digest
 
 
+def wandb_group(cfg: DictConfig) -> str:
+    """The run's W&B group: ``logger.wandb.group`` if set, else its method's (``method_group``).
+
+    Recorded in run.json for every run, with W&B or not, so that a dashboard selects the study's runs.
+    """
+    chosen = ((cfg.get("logger") or {}).get("wandb") or {}).get("group")
+    return str(chosen) if chosen else method_group(cfg)[0]
+
+
 def _wandb_logger(cfg: DictConfig, logger_cfg: DictConfig) -> WandbLogger:
     mode = wandb_mode()
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
     log.info("W&B logging %s", mode)
-    group, digest = method_group(cfg)
+    _, digest = method_group(cfg)
     preset = experiment_preset()
     tags = [*(logger_cfg.get("tags") or []), f"seed:{cfg.seed}", f"preset:{preset}"]
-    logger = instantiate(
-        logger_cfg, offline=mode != "online", group=logger_cfg.get("group") or group, tags=tags
-    )
+    logger = instantiate(logger_cfg, offline=mode != "online", group=wandb_group(cfg), tags=tags)
     # Lightning passes anonymous=None, which W&B >= 0.19 answers with "The anonymous setting has no
     # effect"; leaving the argument out is the same request.
     logger._wandb_init.pop("anonymous", None)
