@@ -3,6 +3,7 @@ and final status. Real offline runs, read back from the ``.wandb`` file W&B writ
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -64,6 +65,10 @@ def run_group_tags_status(run_dir: Path) -> tuple[str, list[str], str | None]:
     return runs[-1].run_group, list(runs[-1].tags), statuses[-1] if statuses else None
 
 
+def run_json_group(run_dir: Path) -> str:
+    return json.loads((run_dir / "run.json").read_text())["wandb_group"]
+
+
 def _offline_without_credentials(monkeypatch, tmp_path) -> None:
     for variable in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
@@ -115,6 +120,7 @@ def test_finished_run_is_grouped_tagged_and_says_finished(monkeypatch, tmp_path,
     train(cfg)
     group, tags, status = run_group_tags_status(Path(cfg.paths.output_dir))
     assert group == method_group(cfg)[0] and group.startswith("synthetic/constant_l2+sgsl/")
+    assert run_json_group(Path(cfg.paths.output_dir)) == group  # what reidreg.dashboard selects runs by
     assert {"dataset:synthetic", "regularizer:constant_l2+sgsl", "seed:3", "preset:none"} <= set(tags)
     assert "status:finished" in tags and status == "finished"
     assert "anonymous" not in "".join(capfd.readouterr())
@@ -137,5 +143,5 @@ def test_cli_run_of_a_preset_that_diverges_is_tagged_with_preset_and_status(tmp_
     assert result.returncode == 3, result.stderr  # diverged
     group, tags, status = run_group_tags_status(run_dir)
     assert {"preset:table3_6_l2", "seed:5", "status:diverged"} <= set(tags) and status == "diverged"
-    assert group.startswith("synthetic/")
+    assert group.startswith("synthetic/") and run_json_group(run_dir) == group
     assert "anonymous" not in result.stdout + result.stderr
