@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     written = write_report(comparison, out_dir)
     written.append(write_dashboard(comparison.rows, out_dir / DASHBOARD_FILE, title=title))
     entity, project = wandb_destination(comparison, args.entity, args.project)
-    report = wandb_report.build_report(comparison.rows, title=title, entity=entity, project=project)
+    description = "By python -m reidreg.dashboard from " + ", ".join(str(p) for p in args.paths)
+    report = wandb_report.build_report(
+        comparison.rows, title=title, entity=entity, project=project, description=description
+    )
     spec = wandb_report.write_spec(report, out_dir / SPEC_FILE)
     written.append(spec)
     print("Written: " + ", ".join(str(path) for path in written))

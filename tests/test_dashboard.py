@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import wandb_workspaces.reports.v2 as wr
 
-from reidreg.dashboard import DASHBOARD_FILE, SPEC_FILE, main, save_report
+from reidreg.dashboard import DASHBOARD_FILE, MISSING_LIBRARY, SPEC_FILE, main, save_report
 from reidreg.metric_keys import LAMBDA_MEDIAN_KEY
 from reidreg.report import compare
 from reidreg.reporting.table_text import primary_table
@@ -236,3 +236,12 @@ def test_a_headless_browser_shows_every_section_with_every_method(dashboard, tmp
         page, tmp_path, "--hide-scrollbars", "--window-size=1280,2600", f"--screenshot={screenshot}"
     )
     assert result.returncode == 0 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_wandb_workspaces_one_line_names_the_extra(study, tmp_path, monkeypatch, capsys):
+    import reidreg.reporting
+
+    monkeypatch.delattr(reidreg.reporting, "wandb_report")
+    monkeypatch.setitem(sys.modules, "reidreg.reporting.wandb_report", None)  # as if it could not import
+    assert main([str(study), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {MISSING_LIBRARY}\n" and list(tmp_path.iterdir()) == []

@@ -108,10 +108,11 @@ def _grid(runset: wr.Runset, panels: list) -> wr.PanelGrid:
     return wr.PanelGrid(runsets=[runset], panels=panels)
 
 
-def _bars(title: str, key: str, *, summary: bool = True) -> wr.BarPlot:
+def _bars(title: str, key: str) -> wr.BarPlot:
+    """A run summary's ``key`` per method: the mean over its runs, each run shown (W&B's "samples")."""
     return wr.BarPlot(
         title=title,
-        metrics=[wr.SummaryMetric(key) if summary else key],
+        metrics=[wr.SummaryMetric(key)],
         orientation="v",
         groupby=GROUP,
         groupby_aggfunc="mean",
@@ -200,7 +201,8 @@ def name_runsets(report: wr.Report) -> None:
 
 
 def report_spec(report: wr.Report) -> str:
-    """The Report's specification as JSON, exactly as ``Report.save`` would send it (with its project)."""
+    """The Report's specification as JSON: the library's model of it, whose ``spec`` ``Report.save`` sends,
+    with its title, description, entity and project."""
     return report._to_model().model_dump_json(by_alias=True, exclude_none=True, indent=1)
 
 
