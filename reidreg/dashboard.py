@@ -37,7 +37,6 @@ from reidreg.report import (
     compare,
     write_report,
 )
-from reidreg.utils.loggers import wandb_has_credentials
 
 DASHBOARD_FILE = "dashboard.html"
 SPEC_FILE = "wandb_report.json"
@@ -70,6 +69,8 @@ def why_not_saved(dry_run: bool) -> str | None:
     mode = os.environ.get("WANDB_MODE", "")
     if mode in OFFLINE_MODES:
         return f"WANDB_MODE={mode}"
+    from reidreg.utils.loggers import wandb_has_credentials  # imports Lightning: not for --help
+
     if not wandb_has_credentials():
         return "no W&B credentials: WANDB_API_KEY or `wandb login`"
     return None

@@ -22,6 +22,10 @@ methods other than the method itself. The table shows each method's training spe
 version, numerics; ``reidreg.reporting.environment``). Runs of one dataset that differ in its content, in
 precision or in device class are refused, in one message naming the runs and the field, unless ``--allow-
 mixed`` is given (the report then says so above the table).
+
+``compare`` gathers and compares a study without writing anything; ``write_report`` writes it. The
+dashboard (``reidreg.dashboard``) shows the same ``Comparison`` and takes the same options
+(``add_comparison_arguments``, ``check_comparison_arguments``).
 """
 
 from __future__ import annotations

@@ -62,19 +62,19 @@ class DatasetSelection:
     """Which W&B runs one dataset's section shows."""
 
     dataset: str
-    groups: dict[str, str]  # method -> its W&B group
+    groups: dict[str, list[str]]  # method -> its runs' W&B groups (one, unless a run was given its own)
     ungrouped: list[Run]  # runs without a recorded W&B group (made before run.json had one)
 
 
 def select(rows: list[Row], dataset: str) -> DatasetSelection:
-    groups: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
     ungrouped = []
     for row in (row for row in rows if row.dataset == dataset):
         for run in row.launched:
             group = (run.info or {}).get("wandb_group")
-            if group:
-                groups.setdefault(row.method, str(group))
-            else:
+            if group and str(group) not in groups.setdefault(row.method, []):
+                groups[row.method].append(str(group))
+            elif not group:
                 ungrouped.append(run)
     return DatasetSelection(dataset, groups, ungrouped)
 
@@ -96,7 +96,9 @@ def _runset(selection: DatasetSelection, project: str) -> wr.Runset:
     return wr.Runset(
         project=project,
         name=f"{selection.dataset}: {len(selection.groups)} methods",
-        filters=[expr.Metric(GROUP).isin(sorted(set(selection.groups.values())))],
+        filters=[
+            expr.Metric(GROUP).isin(sorted({g for groups in selection.groups.values() for g in groups}))
+        ],
         groupby=["group"],
     )
 
@@ -133,7 +135,9 @@ def _lines(title: str, x: str, key: str, aggregate: str) -> wr.LinePlot:
 
 def _method_table(selection: DatasetSelection) -> str:
     lines = ["| method | W&B group |", "|---|---|"]
-    lines += [f"| {method} | `{group}` |" for method, group in selection.groups.items()]
+    lines += [
+        f"| {method} | {', '.join(f'`{g}`' for g in groups)} |" for method, groups in selection.groups.items()
+    ]
     return "\n".join(lines)
 
 
@@ -155,7 +159,8 @@ def dataset_blocks(rows: list[Row], dataset: str, project: str) -> list:
                 + ", ".join(str(run.run_dir) for run in selection.ungrouped[:5])
             )
         )
-    test_panels = [_bars(f"test {metric} (%)", metric_key(TEST, metric)) for metric in METRICS]
+    # W&B holds the metrics as logged: fractions, not the report's %.
+    test_panels = [_bars(f"test {metric}", metric_key(TEST, metric)) for metric in METRICS]
     blocks += [wr.H2(SECTIONS[0]), _grid(runset, test_panels)]
     blocks += [wr.H2(SECTIONS[1]), wr.MarkdownBlock(primary_table(mine))]
     val_panel = _lines(
