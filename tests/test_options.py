@@ -670,3 +670,40 @@ def test_evaluate_cli_refuses_a_missing_checkpoint_before_creating_the_run_folde
         "(a .ckpt file)\n",
     )
     assert listing(tmp_path) == []
+
+
+OVERFIT_ARMS = ["none", "constant_l2", "adaptive_l2", "sgsl"]
+
+
+def test_the_overfit_study_arms_are_valid_and_differ_only_in_the_regularizer():
+    arms = {name: compose_train("experiment=overfit_small", f"regularizer={name}") for name in OVERFIT_ARMS}
+    for cfg in arms.values():
+        validate_train_config(cfg)
+    rest = [OmegaConf.to_container(cfg, resolve=False) for cfg in arms.values()]
+    selected = [sorted(config.pop("regularizer")) for config in rest]
+    assert selected == [[], ["constant_l2"], ["adaptive_l2"], ["sgsl"]]
+    assert all(config == rest[0] for config in rest)
+    # each arm runs its regularizer's defaults
+    for name in OVERFIT_ARMS[1:]:
+        default = OmegaConf.load(REPO / "conf" / "regularizer" / f"{name}.yaml")
+        assert OmegaConf.to_container(arms[name].regularizer[name], resolve=False) == OmegaConf.to_container(
+            default, resolve=False
+        )
+
+
+def test_the_overfit_preset_is_small_data_weak_augmentation_and_long_training():
+    cfg = compose_train("experiment=overfit_small")
+    assert cfg.dataset.name == "synthetic"
+    size = {key: cfg.dataset.options[key] for key in ("num_ids", "images_per_id", "height", "width")}
+    assert size == {"num_ids": 80, "images_per_id": 8, "height": 64, "width": 32}
+    assert (cfg.data.height, cfg.data.width) == (64, 32)
+    assert not cfg.data.random_erasing and not cfg.data.pad_crop
+    assert cfg.data.val_identities == 8
+    assert cfg.backbone.name == "test_resnet" and not cfg.backbone.pretrained
+    assert cfg.model.stripe_channels == 512
+    assert cfg.trainer.accelerator == "cpu"
+    assert (cfg.trainer.max_epochs, cfg.data.steps_per_epoch, list(cfg.optim.schedule.milestones)) == (
+        40,
+        10,
+        [30],
+    )
