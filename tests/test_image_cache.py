@@ -3,6 +3,10 @@ that name the file, and the cached loader (workers > 0) + batch augmentation = t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +15,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from reidreg.data import DatasetError
+from reidreg.data import DatasetError, datamodule
 from reidreg.data.batch_augment import AugmentSpec, BatchAugment
 from reidreg.data.datamodule import SeededBatches, read_image
 from reidreg.data.image_cache import (
     GIB,
+    SHARED_MEMORY_DIR,
     CachedTrainImages,
     CacheTooLargeError,
     ImageCache,
@@ -26,7 +31,9 @@ from reidreg.data.image_cache import (
 from reidreg.data.sampler import PKBatchSampler
 from reidreg.data.transforms import build_train_transform, resize_to_uint8
 from reidreg.errors import ConfigError
+from tests.test_multinode import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 H, W = 64, 32
 PLENTY = MemoryBudget(available=64 * GIB, shared=64 * GIB)
 
@@ -82,14 +89,14 @@ def test_too_large_cache_is_refused_before_reading_anything(image_files) -> None
     assert reads == []
 
 
-def test_memory_check_counts_processes_and_shared_memory() -> None:
+def test_memory_check_counts_one_copy_and_shared_memory() -> None:
     nbytes = 3 * GIB
     check_cache_fits(nbytes, MemoryBudget(available=8 * GIB, shared=1 * GIB))  # forked workers: RAM only
-    with pytest.raises(CacheTooLargeError, match="2 process"):
-        check_cache_fits(nbytes, MemoryBudget(available=8 * GIB, shared=None), copies=2)
+    with pytest.raises(CacheTooLargeError, match="more than 50%"):
+        check_cache_fits(nbytes, MemoryBudget(available=5 * GIB, shared=None))
     with pytest.raises(CacheTooLargeError, match="/dev/shm"):
         check_cache_fits(nbytes, MemoryBudget(available=8 * GIB, shared=1 * GIB), uses_shared_memory=True)
-    check_cache_fits(nbytes, MemoryBudget(available=8 * GIB, shared=None), max_memory_fraction=0.75, copies=2)
+    check_cache_fits(nbytes, MemoryBudget(available=5 * GIB, shared=None), max_memory_fraction=0.75)
 
 
 def test_memory_budget_is_detected() -> None:
@@ -140,3 +147,84 @@ def test_cached_dataset_rejects_mismatched_inputs(image_files) -> None:
         CachedTrainImages(cache, labels, AugmentSpec(height=H, width=W))
     with pytest.raises(ValueError, match="augmentation expects"):
         CachedTrainImages(cache, labels[:4], AugmentSpec(height=128, width=64))
+
+
+def test_two_ranks_of_a_node_share_one_decoded_cache(image_files, tmp_path_factory) -> None:
+    """Two real processes in a gloo group, as two DDP ranks of one node: rank 0 alone decodes, both ranks'
+    loader workers (2 each) see exactly the single-process cache, and nothing is left in /dev/shm."""
+    paths, _ = image_files
+    images = Path(paths[0]).parent
+    out = tmp_path_factory.mktemp("ranks")
+    name = f"test-{uuid.uuid4().hex}"
+    port = free_port()
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.node_cache_rank",
+                str(rank),
+                str(port),
+                name,
+                str(images),
+                str(out),
+            ],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for rank in (0, 1)
+    ]
+    assert [rank.wait(timeout=120) for rank in ranks] == [0, 0]
+    reads = {rank: (out / f"reads-{rank}.txt") for rank in (0, 1)}
+    assert sorted(reads[0].read_text().split()) == sorted(paths) and not reads[1].exists()
+    expected = ImageCache.build(sorted(paths), height=H, width=W, read=read_image, budget=PLENTY).images
+    for rank in (0, 1):
+        assert torch.equal(torch.load(out / f"rank-{rank}.pt"), expected)
+    assert not list(SHARED_MEMORY_DIR.glob(f"reidreg-image-cache-{name}*"))
+
+
+def test_a_node_cache_too_large_for_shared_memory_is_refused_before_any_decode(image_files) -> None:
+    paths, _ = image_files
+    barriers = []
+    no_shm = MemoryBudget(available=64 * GIB, shared=cache_nbytes(len(paths), H, W) - 1)
+    with pytest.raises(CacheTooLargeError, match="/dev/shm has only"):
+        ImageCache.build_per_node(
+            paths,
+            height=H,
+            width=W,
+            read=lambda path: pytest.fail(f"decoded {path}"),
+            name="never",
+            local_rank=0,
+            barrier=lambda: barriers.append(1),
+            budget=no_shm,
+        )
+    assert barriers == []
+
+
+@pytest.mark.parametrize("pipeline", ["gpu", "auto"])
+def test_spawned_workers_cannot_map_a_node_cache_refused_or_cpu_pipeline(
+    pipeline, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(datamodule, "workers_receive_shared_memory", lambda: True)  # as under spawn
+    data = datamodule.ReIDDataModule(
+        dataset="synthetic",
+        root=str(tmp_path),
+        dataset_options={"num_ids": 8, "images_per_id": 4, "height": H, "width": W},
+        height=H,
+        width=W,
+        num_identities=2,
+        num_instances=2,
+        val_identities=0,
+        num_workers=2,
+        pipeline=pipeline,
+    )
+    configure = dict(cuda=True, pin_memory=False, channels_last=False, processes=2)
+    if pipeline == "gpu":
+        with pytest.raises(ConfigError, match="2 processes per node share one image cache"):
+            data.configure_device(**configure)
+    else:
+        data.configure_device(**configure)
+        assert not data.use_cache
+    data.num_workers = 0  # without workers the shared cache is used
+    data.configure_device(**configure)
+    assert data.use_cache

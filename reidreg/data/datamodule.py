@@ -29,7 +29,10 @@ restores that order, so the order never changes a result.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import multiprocessing
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -46,7 +49,6 @@ from reidreg.data.batch_augment import AugmentSpec, BatchAugment
 from reidreg.data.datasets import DatasetError, ReIDDataset, Sample, build_dataset
 from reidreg.data.image_cache import (
     CachedTrainImages,
-    CacheTooLargeError,
     ImageCache,
     MemoryBudget,
     cache_nbytes,
@@ -60,6 +62,17 @@ from reidreg.data.transforms import TrainTransform, build_test_transform
 from reidreg.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def _node_cache_name(paths: Sequence[str], height: int, width: int) -> str:
+    """The same on every rank of one DDP job on one node, different for another live job (its rendezvous
+    address) or other images: names the job's shared image cache in /dev/shm."""
+    key = hashlib.sha256(
+        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}:{height}x{width}".encode()
+    )
+    for path in paths:
+        key.update(str(path).encode() + b"\0")
+    return key.hexdigest()[:20]
 
 
 def read_image(path: str) -> Image.Image:
@@ -318,13 +331,21 @@ class ReIDDataModule(pl.LightningDataModule):
         self.load()
         nbytes = cache_nbytes(len(self.train_samples), self.augment_spec.height, self.augment_spec.width)
         try:
+            if processes > 1 and self.num_workers > 0 and workers_receive_shared_memory():
+                # torch cannot hand the node's file-mapped cache to spawned/forkserver workers
+                raise ConfigError(
+                    f"{processes} processes per node share one image cache, which loader workers started "
+                    f"by '{multiprocessing.get_start_method()}' cannot map; use the 'fork' start method, "
+                    "data.num_workers=0, or data.pipeline=cpu."
+                )
             check_cache_fits(
                 nbytes,
                 MemoryBudget.detect(),
-                copies=processes,
-                uses_shared_memory=self.num_workers > 0 and workers_receive_shared_memory(),
+                # several processes per node share one copy in /dev/shm (ImageCache.build_per_node)
+                uses_shared_memory=processes > 1
+                or (self.num_workers > 0 and workers_receive_shared_memory()),
             )
-        except CacheTooLargeError as error:
+        except ConfigError as error:
             if self.pipeline == "gpu":
                 raise
             log.warning("data.pipeline=auto: %s Using the per-image CPU pipeline instead.", error)
@@ -355,7 +376,21 @@ class ReIDDataModule(pl.LightningDataModule):
         if stage == "fit" and self.use_cache and self.image_cache is None:
             paths = [path for path, _, _ in self.train_samples]
             spec = self.augment_spec
-            self.image_cache = ImageCache.build(paths, height=spec.height, width=spec.width, read=read_image)
+            trainer = self.trainer  # None when the datamodule is used without a Trainer
+            if trainer is not None and trainer.num_devices > 1:
+                self.image_cache = ImageCache.build_per_node(
+                    paths,
+                    height=spec.height,
+                    width=spec.width,
+                    read=read_image,
+                    name=_node_cache_name(paths, spec.height, spec.width),
+                    local_rank=trainer.local_rank,
+                    barrier=trainer.strategy.barrier,
+                )
+            else:
+                self.image_cache = ImageCache.build(
+                    paths, height=spec.height, width=spec.width, read=read_image
+                )
 
     @property
     def num_classes(self) -> int:

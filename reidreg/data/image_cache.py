@@ -10,6 +10,10 @@ a training batch is an index into memory plus the batch augmentation (``reidreg.
 * Shared with the DataLoader workers without copies: forked workers inherit it copy-on-write (nothing
   writes to it), and with the ``spawn``/``forkserver`` start methods torch moves it into shared memory
   (``/dev/shm``) when handing the dataset to the workers — the size check then covers ``/dev/shm`` too.
+* Built once per node under DDP (``ImageCache.build_per_node``): the node's local rank 0 decodes into a
+  file in ``/dev/shm`` that every local rank maps (``torch.from_file(..., shared=True)``); once all have
+  mapped it the file is unlinked, so the memory is freed when the last rank exits, even after a SIGKILL.
+  The memory check counts that one copy, in RAM and in ``/dev/shm``.
 * Its size (N·3·H·W bytes: 147 KiB per image at 384×128, 1.8 GiB for Market-1501, 4.5 GiB for MSMT17)
   is checked against the available memory *before* anything is decoded: ``CacheTooLargeError`` (a
   ``ConfigError``) says how much is needed and available and what to do; it never falls back silently.
@@ -40,6 +44,8 @@ GIB = 2**30
 #: By default the cache may take at most this share of the available memory: the rest is for the
 #: loader workers, pinned batches, the model on the host and the evaluation features.
 DEFAULT_MAX_MEMORY_FRACTION = 0.5
+#: Where a node's ranks share the cache (RAM-backed on Linux).
+SHARED_MEMORY_DIR = Path("/dev/shm")
 
 
 class CacheTooLargeError(ConfigError):
@@ -86,23 +92,21 @@ def check_cache_fits(
     nbytes: int,
     budget: MemoryBudget,
     *,
-    copies: int = 1,
     uses_shared_memory: bool = False,
     max_memory_fraction: float = DEFAULT_MAX_MEMORY_FRACTION,
 ) -> None:
-    """Raise ``CacheTooLargeError`` unless ``copies`` caches of ``nbytes`` (one per training process on
-    this machine, e.g. DDP ranks) fit in ``max_memory_fraction`` of the available memory (and, if the
-    workers receive the cache through shared memory, in the free space of ``/dev/shm``)."""
-    needed = nbytes * copies
+    """Raise ``CacheTooLargeError`` unless a cache of ``nbytes`` (one per node: its DDP ranks share it)
+    fits in ``max_memory_fraction`` of the available memory (and, if it lives in or is handed to the
+    workers through shared memory, in the free space of ``/dev/shm``)."""
     allowed = int(budget.available * max_memory_fraction)
     problems = []
-    if needed > allowed:
+    if nbytes > allowed:
         problems.append(
-            f"{needed / GIB:.2f} GiB ({copies} process(es) × {nbytes / GIB:.2f} GiB) is more than "
+            f"{nbytes / GIB:.2f} GiB is more than "
             f"{max_memory_fraction:.0%} of the {budget.available / GIB:.2f} GiB of available memory"
         )
-    if uses_shared_memory and budget.shared is not None and needed > budget.shared:
-        problems.append(f"/dev/shm has only {budget.shared / GIB:.2f} GiB free for {needed / GIB:.2f} GiB")
+    if uses_shared_memory and budget.shared is not None and nbytes > budget.shared:
+        problems.append(f"/dev/shm has only {budget.shared / GIB:.2f} GiB free for {nbytes / GIB:.2f} GiB")
     if problems:
         raise CacheTooLargeError(
             "the decoded-image cache of data.pipeline=gpu does not fit: "
@@ -137,7 +141,6 @@ class ImageCache:
         width: int,
         read: Callable[[str], Image.Image],
         num_threads: int | None = None,
-        copies: int = 1,
         max_memory_fraction: float = DEFAULT_MAX_MEMORY_FRACTION,
         budget: MemoryBudget | None = None,
     ) -> ImageCache:
@@ -147,33 +150,52 @@ class ImageCache:
         check_cache_fits(
             nbytes,
             budget or MemoryBudget.detect(),
-            copies=copies,
             uses_shared_memory=workers_receive_shared_memory(),
             max_memory_fraction=max_memory_fraction,
         )
-        threads = num_threads or len(os.sched_getaffinity(0))
         images = torch.empty((len(paths), 3, height, width), dtype=torch.uint8)
-        start = time.perf_counter()
+        _decode_into(images, paths, read=read, num_threads=num_threads)
+        return cls(images)
 
-        def load(index: int) -> None:
-            images[index] = resize_to_uint8(read(str(paths[index])), height, width)
-
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-cache") as pool:
-            try:
-                for _ in pool.map(load, range(len(paths))):
-                    pass
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        log.info(
-            "Image cache: %d images at %dx%d (%.2f GiB) decoded in %.1f s with %d threads",
-            len(paths),
-            height,
-            width,
-            nbytes / GIB,
-            time.perf_counter() - start,
-            threads,
+    @classmethod
+    def build_per_node(
+        cls,
+        paths: Sequence[str | Path],
+        *,
+        height: int,
+        width: int,
+        read: Callable[[str], Image.Image],
+        name: str,
+        local_rank: int,
+        barrier: Callable[[], None],
+        max_memory_fraction: float = DEFAULT_MAX_MEMORY_FRACTION,
+        budget: MemoryBudget | None = None,
+        shared_dir: Path = SHARED_MEMORY_DIR,
+    ) -> ImageCache:
+        """``build`` once per node: local rank 0 decodes into ``<shared_dir>/reidreg-image-cache-<name>.u8``,
+        the other local ranks map that file. Every local rank calls this with the same ``name`` (unique to
+        the live job on this node) and ``barrier`` (all the job's ranks, e.g. the strategy's). The size check
+        counts one copy, in RAM and in ``shared_dir``; all ranks check before any rank writes."""
+        nbytes = cache_nbytes(len(paths), height, width)
+        check_cache_fits(
+            nbytes,
+            budget or MemoryBudget.detect(),
+            uses_shared_memory=True,
+            max_memory_fraction=max_memory_fraction,
         )
+        path = shared_dir / f"reidreg-image-cache-{name}.u8"
+        shape = (len(paths), 3, height, width)
+        barrier()  # every rank has checked the free memory before the first byte is written
+        if local_rank == 0:
+            path.unlink(missing_ok=True)  # left by a killed job that had the same name
+            images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
+            _decode_into(images, paths, read=read)
+        barrier()
+        if local_rank != 0:
+            images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
+        barrier()
+        if local_rank == 0:
+            path.unlink()  # the mappings stay valid; the memory goes with the last of them
         return cls(images)
 
     def __len__(self) -> int:
@@ -182,6 +204,39 @@ class ImageCache:
     @property
     def nbytes(self) -> int:
         return self.images.numel()
+
+
+def _decode_into(
+    images: torch.Tensor,
+    paths: Sequence[str | Path],
+    *,
+    read: Callable[[str], Image.Image],
+    num_threads: int | None = None,
+) -> None:
+    """Fill ``images`` (N, 3, H, W) with ``paths`` decoded and resized, in a thread pool."""
+    height, width = images.shape[2:]
+    threads = num_threads or len(os.sched_getaffinity(0))
+    start = time.perf_counter()
+
+    def load(index: int) -> None:
+        images[index] = resize_to_uint8(read(str(paths[index])), height, width)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-cache") as pool:
+        try:
+            for _ in pool.map(load, range(len(paths))):
+                pass
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    log.info(
+        "Image cache: %d images at %dx%d (%.2f GiB) decoded in %.1f s with %d threads",
+        len(paths),
+        height,
+        width,
+        images.numel() / GIB,
+        time.perf_counter() - start,
+        threads,
+    )
 
 
 class CachedTrainImages(Dataset):
