@@ -189,7 +189,11 @@ class ImageCache:
         if local_rank == 0:
             path.unlink(missing_ok=True)  # left by a killed job that had the same name
             images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
-            _decode_into(images, paths, read=read)
+            try:
+                _decode_into(images, paths, read=read)
+            except BaseException:
+                path.unlink(missing_ok=True)  # a corrupt image must not leave gigabytes in /dev/shm
+                raise
         barrier()
         if local_rank != 0:
             images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
