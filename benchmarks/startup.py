@@ -252,8 +252,8 @@ def ensure_tree(data_dir: Path, counts: TreeCounts, workers: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the runs
-def process_tree(root: int) -> list[int]:
-    """``root`` and its live descendants."""
+def process_tree(roots: list[int]) -> list[int]:
+    """``roots`` and their live descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -263,7 +263,7 @@ def process_tree(root: int) -> list[int]:
                 continue
             parent = int(stat.rsplit(")", 1)[1].split()[1])
             children.setdefault(parent, []).append(int(entry.name))
-    tree, pending = [], [root]
+    tree, pending = [], list(roots)
     while pending:
         pid = pending.pop()
         tree.append(pid)
@@ -292,18 +292,23 @@ class MemorySample:
 
 
 class MemorySampler(threading.Thread):
-    """Every ``SAMPLE_INTERVAL_S`` until ``stop``: a ``MemorySample`` of the process tree of ``root``."""
+    """Every ``SAMPLE_INTERVAL_S`` until ``stop``, and whenever ``sample`` is called: a ``MemorySample`` of
+    the process trees of ``roots``."""
 
-    def __init__(self, root: int, start: float) -> None:
+    def __init__(self, roots: list[int], start: float) -> None:
         super().__init__(daemon=True)
-        self.root, self.start_time, self.stop = root, start, threading.Event()
+        self.roots, self.start_time, self.stop = roots, start, threading.Event()
         self.samples: list[MemorySample] = []
 
     def run(self) -> None:
         while not self.stop.wait(SAMPLE_INTERVAL_S):
-            usage = [memory_kib(pid) for pid in process_tree(self.root)]
-            pss, rss = sum(pss for pss, _ in usage), max((rss for _, rss in usage), default=0)
-            self.samples.append(MemorySample(time.perf_counter() - self.start_time, pss, rss))
+            self.sample()
+
+    def sample(self) -> MemorySample:
+        usage = [memory_kib(pid) for pid in process_tree(self.roots)]
+        pss, rss = sum(pss for pss, _ in usage), max((rss for _, rss in usage), default=0)
+        self.samples.append(MemorySample(time.perf_counter() - self.start_time, pss, rss))
+        return self.samples[-1]
 
 
 def train_command(args: argparse.Namespace, run_dir: Path, processes: int, pipeline: str) -> list[str]:
@@ -327,7 +332,7 @@ def measure(command: list[str], output_file: Path) -> Measurement:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
         )
-        sampler = MemorySampler(process.pid, start)
+        sampler = MemorySampler([process.pid], start)
         sampler.start()
         for line in process.stdout:
             output.write(line)
