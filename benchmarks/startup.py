@@ -1,4 +1,5 @@
-"""Startup time and peak memory of ``python -m reidreg.train`` on an MSMT17-sized tree it builds itself.
+"""Startup time and peak memory of ``python -m reidreg.train`` on an MSMT17-sized tree it builds itself, and
+the memory of the training-image cache there (``--sections runs cache``, both by default).
 
 1. The tree: ``<data-dir>/MSMT17_V1/{train,test}/<pid>/`` with list_train/val/query/gallery.txt, named as
    the real MSMT17 V1 (``0000_000_01_0303morning_0015_0.jpg``: pid, index, camera 01-15, day and time,
@@ -14,8 +15,9 @@
    training step (``+trainer.max_steps=1``), no test (``test=false``), each in its own run folder under
    ``--runs-dir``. Rows: 1 and 2 processes (``trainer.devices``; DDP with gloo on the CPU) × pipeline
    (``cpu``; ``gpu``, the in-memory image cache built once per node, only where there is a CUDA GPU per
-   process: reidreg refuses ``data.pipeline=gpu`` on a CPU) × first start (``<data-dir>/.reidreg-cache``
-   deleted: the image check decodes every file) and cached start (the check only stats them).
+   process: reidreg refuses ``data.pipeline=gpu`` on a CPU; section 4 measures its cache on any machine)
+   × first start (``<data-dir>/.reidreg-cache`` deleted: the image check decodes every file) and cached
+   start (the check only stats them).
 3. The figures: **startup**, the wall time from launching the command until rank 0 begins its first
    training step (its step-1 progress line, ``progress.every_n_steps=1``, less that step's duration from
    Lightning's simple profiler, ``run_training_batch``): imports, dataset parsing, image check, DDP
@@ -25,12 +27,26 @@
    command's process tree (ranks and loader workers; a page shared by n processes counts 1/n in each)
    and **max RSS**, the largest resident set of one of its processes, both sampled every 0.2 s until the
    first step begins (the step's own memory, the network's activations, is left out).
+4. The image cache (the ``gpu`` pipeline's, ``reidreg.data.image_cache``), without the CLI: the images a run
+   trains on (list_train + list_val less the 5 % held-out identities, as the datamodule's
+   ``hold_out_identities``), decoded at ``--height``×``--width`` by ranks in spawned processes (a gloo
+   group over 127.0.0.1) in three variants: 1 rank calling ``ImageCache.build``; 2 ranks each calling
+   ``build`` (a private copy per rank); 2 ranks calling ``build_per_node`` (local rank 0 decodes into
+   ``/dev/shm``, the other maps it: a copy per node). Each rank then reads a byte of every page of the
+   cache, so that all of it is resident in that rank, and holds it until it has been measured. Figures:
+   **build**, the seconds of the slowest rank in its build call; **cache computed**, N·3·H·W bytes per
+   copy times the copies; **node PSS before**, the ranks' summed PSS once they have met, before the
+   build (Python, torch, reidreg); **peak node PSS** and **peak RSS per rank** as for the runs, sampled
+   every 0.2 s from the start of the ranks until all hold the cache (a page of ``/dev/shm`` mapped by
+   both ranks counts half in each: summed PSS counts it once); **/dev/shm**, the growth of its used space
+   while the ranks hold the cache (the file is unlinked by then but still mapped). One measurement each.
 
 The files are in the OS page cache (they were just written or read): a first read from a cold disk or a
 network file system adds its own I/O time, which this does not measure.
 
     python benchmarks/startup.py --scale 0.02                     # about 2,500 files: a check of the script
     python benchmarks/startup.py --data-dir /scratch/startup-msmt17 --repeats 3
+    python benchmarks/startup.py --data-dir /scratch/startup-msmt17 --sections cache   # ~10 GiB of RAM
 """
 
 from __future__ import annotations
@@ -39,11 +55,15 @@ import argparse
 import dataclasses
 import io
 import json
+import mmap
+import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import random
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -56,9 +76,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
-from reidreg.data.datasets import MSMT_LIST_FILES, MSMT_NUM_CAMERAS
+from reidreg.data.datamodule import hold_out_identities, read_image
+from reidreg.data.datasets import MSMT_LIST_FILES, MSMT_NUM_CAMERAS, build_dataset
+from reidreg.data.image_cache import SHARED_MEMORY_DIR, ImageCache, cache_nbytes
 
 GIB = 2**30
 DATASET_FOLDER = "MSMT17_V1"
@@ -66,6 +89,7 @@ TREE_MARKER = ".startup-benchmark.json"
 IMAGE_HEIGHT, IMAGE_WIDTH = 128, 64
 PATTERNS_PER_IDENTITY = 4
 MIN_TRAIN_IDENTITIES = 34  # 2 ranks × P=16 identities per batch, after the 5 % validation hold-out
+VAL_IDENTITIES = 0.05  # data.val_identities
 TIMES_OF_DAY = [
     f"{day}{part}" for day in ("0113", "0114", "0302", "0303") for part in ("morning", "noon", "afternoon")
 ]
@@ -138,8 +162,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--height", type=int, default=384, help="data.height")
     parser.add_argument("--width", type=int, default=128, help="data.width")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per row (medians)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per row of the runs table (medians)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing the tree")
+    parser.add_argument(
+        "--sections", nargs="+", choices=["runs", "cache"], default=["runs", "cache"], help="what to measure"
+    )
     args = parser.parse_args()
     if not 0 < args.scale <= 1:
         parser.error("--scale must be in (0, 1]")
@@ -391,11 +418,8 @@ def machine() -> str:
     )
 
 
-def main() -> None:
-    args = parse_args()
-    machine_line = machine()  # its load average before the runs
-    counts = TreeCounts.scaled(args.scale)
-    ensure_tree(args.data_dir, counts, args.workers)
+def runs_section(args: argparse.Namespace) -> list[str]:
+    """The startup runs; the lines of their table."""
     image_check_cache = args.data_dir / ".reidreg-cache"
     measurements: dict[tuple[int, str, str], list[Measurement]] = {row: [] for row in rows(args)}
     for repeat in range(args.repeats):
@@ -411,15 +435,184 @@ def main() -> None:
             )
             measurements[row].append(measurement)
             print(f"{label}: {table_row(row, measurement)}", flush=True)
+    return [
+        f"training on {args.accelerator} at {args.height}×{args.width}, backbone=test_resnet, one step",
+        f"runs (outputs and run folders): {args.runs_dir}; medians of {args.repeats}\n",
+        "| processes | pipeline | start | startup s | image check s | peak node PSS GiB | max RSS GiB |",
+        "|---:|---|---|---:|---:|---:|---:|",
+        *(table_row(row, median_measurement(repeats)) for row, repeats in measurements.items()),
+    ]
 
+
+# --------------------------------------------------------------------------------------- the image cache
+@dataclasses.dataclass(frozen=True)
+class CacheVariant:
+    name: str
+    processes: int
+    per_node: bool  # ImageCache.build_per_node, else ImageCache.build in every rank
+
+    @property
+    def copies(self) -> int:
+        return 1 if self.per_node else self.processes
+
+
+CACHE_VARIANTS = (
+    CacheVariant("build", 1, per_node=False),
+    CacheVariant("build in each rank", 2, per_node=False),
+    CacheVariant("build_per_node", 2, per_node=True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMeasurement:
+    build_s: float  # of the slowest rank
+    node_pss_before: int  # bytes: the ranks' summed PSS once they have met, before the build
+    peak_node_pss: int  # bytes
+    max_rss: int  # bytes
+    shared_memory: int  # bytes of /dev/shm in use while the ranks hold the cache, more than before
+
+
+def training_paths(data_dir: Path) -> list[str]:
+    """The images a run trains on: list_train + list_val (``combine_val``) less the identities held out for
+    validation (``data.val_identities=0.05``, ``seed=0``)."""
+    dataset = build_dataset("msmt17", data_dir, combine_val=True, verbose=False)
+    train, _, _ = hold_out_identities(dataset.train, VAL_IDENTITIES, seed=0)
+    return [path for path, _, _ in train]
+
+
+def cache_rank(
+    rank: int,
+    variant: CacheVariant,
+    port: int,
+    paths: list[str],
+    size: tuple[int, int],
+    parent: multiprocessing.connection.Connection,
+) -> None:
+    """One rank (a spawned process): join the group, tell the parent and wait for it to measure; build the
+    cache, read a byte of each of its pages (all of it resident in this rank, mapped ones too), send the
+    build seconds and hold the cache until the parent has measured again."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=variant.processes
+    )
+    parent.send(None)
+    parent.recv()
+    height, width = size
+    start = time.perf_counter()
+    if variant.per_node:
+        cache = ImageCache.build_per_node(
+            paths,
+            height=height,
+            width=width,
+            read=read_image,
+            name=f"startup-benchmark-{port}",
+            local_rank=rank,
+            barrier=dist.barrier,
+        )
+    else:
+        cache = ImageCache.build(paths, height=height, width=width, read=read_image)
+    build_s = time.perf_counter() - start
+    cache.images.view(-1)[:: mmap.PAGESIZE].sum()
+    parent.send(build_s)
+    parent.recv()
+    dist.destroy_process_group()
+
+
+def shared_memory_used() -> int:
+    stats = os.statvfs(SHARED_MEMORY_DIR)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def gather(
+    connections: list[multiprocessing.connection.Connection], ranks: list[multiprocessing.Process]
+) -> list[float | None]:
+    """What each rank sends on its connection; SystemExit if one dies first."""
+    messages = []
+    for connection, process in zip(connections, ranks, strict=True):
+        if connection not in multiprocessing.connection.wait([connection, process.sentinel]):
+            raise SystemExit(f"an image cache rank failed (exit status {process.exitcode})")
+        messages.append(connection.recv())
+    return messages
+
+
+def measure_cache(variant: CacheVariant, paths: list[str], size: tuple[int, int]) -> CacheMeasurement:
+    """Start the variant's ranks and sample their memory: every ``SAMPLE_INTERVAL_S``, once all have met in
+    their group, and once all hold the cache."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    pipes = [context.Pipe() for _ in range(variant.processes)]
+    ranks = [
+        context.Process(target=cache_rank, args=(rank, variant, port, paths, size, child), daemon=True)
+        for rank, (_, child) in enumerate(pipes)
+    ]
+    for process in ranks:
+        process.start()
+    sampler = MemorySampler([process.pid for process in ranks], time.perf_counter())
+    sampler.start()
+    connections = [parent for parent, _ in pipes]
+    gather(connections, ranks)  # all have met
+    before, shared_before = sampler.sample(), shared_memory_used()
+    for connection in connections:
+        connection.send("build")
+    build_s = max(gather(connections, ranks))  # all hold the cache
+    sampler.sample()
+    shared_memory = shared_memory_used() - shared_before
+    for connection in connections:
+        connection.send("exit")
+    for process in ranks:
+        process.join()
+    sampler.stop.set()
+    sampler.join()
+    return CacheMeasurement(
+        build_s=build_s,
+        node_pss_before=1024 * before.pss_kib,
+        peak_node_pss=1024 * max(sample.pss_kib for sample in sampler.samples),
+        max_rss=1024 * max(sample.max_rss_kib for sample in sampler.samples),
+        shared_memory=shared_memory,
+    )
+
+
+def cache_section(args: argparse.Namespace) -> list[str]:
+    """The image cache variants; the lines of their table."""
+    paths, size = training_paths(args.data_dir), (args.height, args.width)
+    copy = cache_nbytes(len(paths), *size)
+    lines = []
+    for variant in CACHE_VARIANTS:
+        figures = measure_cache(variant, paths, size)
+        lines.append(
+            f"| {variant.name} | {variant.processes} | {figures.build_s:.1f} "
+            f"| {variant.copies * copy / GIB:.2f} | {figures.node_pss_before / GIB:.2f} "
+            f"| {figures.peak_node_pss / GIB:.2f} "
+            f"| {figures.max_rss / GIB:.2f} | {figures.shared_memory / GIB:.2f} |"
+        )
+        print(f"cache {lines[-1]}", flush=True)
+    return [
+        f"image cache: {len(paths):,} training images (list_train + list_val less the "
+        f"{VAL_IDENTITIES:.0%} held-out identities) at {args.height}×{args.width}: N·3·H·W = "
+        f"{copy / GIB:.2f} GiB a copy; one copy per rank (build) or per node (build_per_node)\n",
+        "| variant | processes | build s | cache GiB computed | node PSS before GiB | peak node PSS GiB "
+        "| peak RSS per rank GiB | /dev/shm GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *lines,
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    machine_line = machine()  # its load average before the runs
+    counts = TreeCounts.scaled(args.scale)
+    ensure_tree(args.data_dir, counts, args.workers)
+    sections = {"runs": runs_section, "cache": cache_section}
+    tables = [sections[name](args) for name in args.sections]
     print(f"\n{machine_line}")
     print(f"MSMT17_V1-sized tree, scale {args.scale:g}: {counts.describe()}")
-    print(f"training on {args.accelerator} at {args.height}×{args.width}, backbone=test_resnet, one step")
-    print(f"runs (outputs and run folders): {args.runs_dir}; medians of {args.repeats}\n")
-    print("| processes | pipeline | start | startup s | image check s | peak node PSS GiB | max RSS GiB |")
-    print("|---:|---|---|---:|---:|---:|---:|")
-    for row, repeats in measurements.items():
-        print(table_row(row, median_measurement(repeats)))
+    for table in tables:
+        print("\n".join(["", *table]))
 
 
 if __name__ == "__main__":
