@@ -201,6 +201,40 @@ def test_a_node_cache_too_large_for_shared_memory_is_refused_before_any_decode(i
     assert barriers == []
 
 
+class RankDied(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("failure", ["corrupt image", "other rank died after the decode"])
+def test_a_failed_node_build_leaves_nothing_in_shared_memory(image_files, tmp_path: Path, failure) -> None:
+    paths, _ = image_files
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not a jpeg")
+    barriers = []
+
+    def barrier() -> None:  # the second barrier is where rank 0 meets the ranks that map its file
+        barriers.append(1)
+        if failure.startswith("other rank") and len(barriers) == 2:
+            raise RankDied("rank 1 is gone")
+
+    shared_dir = tmp_path / "shm"
+    shared_dir.mkdir()
+    with pytest.raises((DatasetError, RankDied)):
+        ImageCache.build_per_node(
+            [*paths, str(corrupt)] if failure == "corrupt image" else paths,
+            height=H,
+            width=W,
+            read=read_image,
+            name="failed",
+            local_rank=0,
+            barrier=barrier,
+            budget=PLENTY,
+            shared_dir=shared_dir,
+        )
+    assert len(barriers) == (1 if failure == "corrupt image" else 2)
+    assert list(shared_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize("pipeline", ["gpu", "auto"])
 def test_spawned_workers_cannot_map_a_node_cache_refused_or_cpu_pipeline(
     pipeline, tmp_path, monkeypatch

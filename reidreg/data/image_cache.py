@@ -189,17 +189,18 @@ class ImageCache:
         if local_rank == 0:
             path.unlink(missing_ok=True)  # left by a killed job that had the same name
             images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
-            try:
+        try:
+            if local_rank == 0:
                 _decode_into(images, paths, read=read)
-            except BaseException:
-                path.unlink(missing_ok=True)  # a corrupt image must not leave gigabytes in /dev/shm
-                raise
-        barrier()
-        if local_rank != 0:
-            images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
-        barrier()
-        if local_rank == 0:
-            path.unlink()  # the mappings stay valid; the memory goes with the last of them
+            barrier()
+            if local_rank != 0:
+                images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
+            barrier()
+        finally:
+            # Done: the mappings stay valid and the memory goes with the last of them. Failed (a corrupt
+            # image, a rank that died before mapping): the job is over, so no gigabytes stay in /dev/shm.
+            if local_rank == 0:
+                path.unlink(missing_ok=True)
         return cls(images)
 
     def __len__(self) -> int:
