@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,39 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from reidreg.utils.config import register_resolvers
+
+# Lightning's DDP setup writes these into os.environ; left there by a test that trains in-process, they
+# would reach the next test's subprocesses (a "node" that knows a MASTER_PORT it was never given).
+DISTRIBUTED_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+)
+
+
+SESSION_DISTRIBUTED_ENVIRONMENT = {name: os.environ.get(name) for name in DISTRIBUTED_VARIABLES}
+
+
+def restore_session_distributed_environment() -> None:
+    for name, value in SESSION_DISTRIBUTED_ENVIRONMENT.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def distributed_environment_of_the_session():
+    """Before each test (a module fixture may have trained already) and after it."""
+    restore_session_distributed_environment()
+    yield
+    restore_session_distributed_environment()
+
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
