@@ -691,19 +691,20 @@ def test_the_overfit_study_arms_are_valid_and_differ_only_in_the_regularizer():
         )
 
 
-def test_the_overfit_preset_is_small_data_weak_augmentation_and_long_training():
+def test_the_overfit_preset_is_small_noisy_data_weak_augmentation_and_long_training():
     cfg = compose_train("experiment=overfit_small")
     assert cfg.dataset.name == "synthetic"
     size = {key: cfg.dataset.options[key] for key in ("num_ids", "images_per_id", "height", "width")}
     assert size == {"num_ids": 80, "images_per_id": 8, "height": 64, "width": 32}
+    assert cfg.dataset.options.mislabeled_percent == 30
     assert (cfg.data.height, cfg.data.width) == (64, 32)
     assert not cfg.data.random_erasing and not cfg.data.pad_crop
-    assert cfg.data.val_identities == 8
+    assert cfg.data.val_identities == 0  # the final weights are tested (a noisy hold-out misleads)
     assert cfg.backbone.name == "test_resnet" and not cfg.backbone.pretrained
     assert cfg.model.stripe_channels == 512
     assert cfg.trainer.accelerator == "cpu"
     assert (cfg.trainer.max_epochs, cfg.data.steps_per_epoch, list(cfg.optim.schedule.milestones)) == (
-        40,
+        120,
         10,
-        [30],
+        [90],
     )

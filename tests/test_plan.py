@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from reidreg.report import main
+from reidreg.reporting.plan import seed_list, seed_sweep
 from tests.test_report import make_run
 
 BASE = [0.50, 0.52, 0.51]
@@ -63,9 +64,19 @@ def test_plan_prints_new_seeds_and_the_command_per_method(tmp_path, capsys):
     adaptive = next(line for line in plan.splitlines() if line.startswith("- adaptive_l2"))
     wanted = int(adaptive.split(": ")[1].split(" ")[0])
     assert wanted > 100  # a d_z of 0.2 needs about 200 pairs
-    assert "seed=4,5,6,7," in plan and f"`{prefix} regularizer=none dataset=synthetic seed=" in plan
+    # hundreds of new seeds are a Hydra range, not a list
+    assert f"`{prefix} regularizer=adaptive_l2 dataset=synthetic seed=range(4,{4 + wanted})`" in plan
+    assert f": {wanted} seed(s), 4–{3 + wanted}" in adaptive
     baseline = next(line for line in plan.splitlines() if line.startswith("- none"))
     assert f": {wanted} seed(s)" in baseline  # the baseline pairs with the most demanding comparison
+    assert f"`{prefix} regularizer=none dataset=synthetic seed=range(4,{4 + wanted})`" in plan
+
+
+def test_seed_sweeps_are_ranges_only_for_three_or_more_consecutive_seeds():
+    assert seed_sweep([4]) == "seed=4" and seed_list([4]) == "4"
+    assert seed_sweep([4, 5]) == "seed=4,5" and seed_list([4, 5]) == "4, 5"
+    assert seed_sweep([4, 6, 7]) == "seed=4,6,7" and seed_list([4, 6, 7]) == "4, 6, 7"
+    assert seed_sweep([4, 5, 6]) == "seed=range(4,7)" and seed_list([4, 5, 6]) == "4–6"
 
 
 def test_sequential_plan_adds_one_seed_where_the_rule_says_continue(tmp_path, capsys):

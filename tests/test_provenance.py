@@ -126,6 +126,7 @@ def test_dataset_summary_counts_options_and_fingerprint(data_root, tmp_path):
         "seed": 0,
         "num_distractors": 6,
         "num_junk": 3,
+        "mislabeled_percent": 0,
     }
 
     # The fingerprint names the files, not where the folder is, and not the seed's hold-out.

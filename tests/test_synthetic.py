@@ -132,6 +132,33 @@ def test_identities_share_attributes() -> None:
     assert len(set(upper_lower)) < 0.8 * len(identities)
 
 
+def test_label_noise_redraws_only_the_chosen_training_images(tmp_path: Path, tiny_root: Path) -> None:
+    """Mislabeled training images show another training identity; every other file keeps its bytes."""
+    clean = tiny_root / TINY.folder_name
+    noisy = generate_tiny(tmp_path / "noisy", mislabeled_percent=40)
+    assert listing(noisy) == listing(clean)  # the same names: the labels do not say which are wrong
+    train = [name for name in listing(clean) if name.startswith("bounding_box_train/")]
+    images = [name for name in listing(clean) if name.endswith(".jpg")]
+    changed = {name for name in images if (noisy / name).read_bytes() != (clean / name).read_bytes()}
+    assert changed <= set(train)
+    assert 0.2 * len(train) <= len(changed) <= 0.6 * len(train)
+
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path), dtype=np.float32)
+
+    # a mislabeled image is another identity's image: the same draw (pose, camera, background) of the
+    # person of another pid, so its pixels differ from the clean image most on the body
+    num_train = TINY.num_train_ids
+    for name in sorted(changed):
+        pid, index = int(Path(name).name[:4]), (int(Path(name).name.split("_")[2]) - 1) // 25
+        shown = synthetic._shown_identity(TINY.seed, pid, index, num_train, 40)
+        assert shown != pid and 1 <= shown <= num_train
+        assert np.abs(pixels(noisy / name) - pixels(clean / name)).mean() > 1.0
+    # the draw is per image: the same share again with another seed, and (pid, index) pairs agree
+    draws = [synthetic._shown_identity(0, pid, index, 50, 25) for pid in range(1, 51) for index in range(40)]
+    assert 0.22 < np.mean([shown != pid for shown, pid in zip(draws, np.repeat(range(1, 51), 40))]) < 0.28
+
+
 def test_partial_folder_without_marker_is_regenerated(tmp_path: Path, tiny_root: Path) -> None:
     folder = tmp_path / TINY.folder_name
     (folder / "bounding_box_train").mkdir(parents=True)
@@ -210,6 +237,10 @@ def test_option_validation(tmp_path: Path) -> None:
         SyntheticOptions(images_per_id=3)
     with pytest.raises(ValueError, match="seed must be an int"):
         SyntheticOptions(seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mislabeled_percent must be in 0..99"):
+        SyntheticOptions(mislabeled_percent=100)
+    with pytest.raises(ValueError, match="label noise needs 2 training ids"):
+        SyntheticOptions(num_ids=3, mislabeled_percent=10)
     with pytest.raises(ValueError, match="unknown synthetic preset 'huge'"):
         resolve_synthetic_options("huge")
     with pytest.raises(ValueError, match="unknown option.*num_idz.*allowed: .*num_ids"):
@@ -228,9 +259,11 @@ def test_folder_name_encodes_every_option() -> None:
         "seed": 1,
         "num_distractors": 0,
         "num_junk": 0,
+        "mislabeled_percent": 20,
     }.items():
         names.add(SyntheticOptions(**{option: value}).folder_name)
-    assert len(names) == 9
+    assert len(names) == 10
+    assert SyntheticOptions(mislabeled_percent=20).folder_name.endswith("-s0-m20")
     assert SyntheticOptions().folder_name == "synthetic-v1-i200-c4-n16-128x64-d100-j50-s0"
     assert SyntheticOptions(num_ids=16).folder_name == "synthetic-v1-i16-c4-n16-128x64-d8-j4-s0"
     assert resolve_synthetic_options("tiny", num_ids=20).num_distractors == 10

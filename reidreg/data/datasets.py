@@ -285,6 +285,7 @@ _DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
         "seed",
         "num_distractors",
         "num_junk",
+        "mislabeled_percent",
     ),
 }
 

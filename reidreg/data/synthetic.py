@@ -67,6 +67,7 @@ _STREAM_ASSIGNMENT = 2
 _STREAM_IMAGE = 3
 _STREAM_DISTRACTOR = 4
 _STREAM_JUNK = 5
+_STREAM_MISLABEL = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,9 @@ class SyntheticOptions:
     seed: int = 0
     num_distractors: int | None = None  # None: num_ids // 2 (Market-1501 has ~2,800 for 750 test ids)
     num_junk: int | None = None  # None: num_ids // 4
+    # Label noise: the share (%) of training images that show another training identity than their file
+    # name says, as when a tracker switches people or an annotator merges two. Test images stay clean.
+    mislabeled_percent: int = 0
 
     def __post_init__(self) -> None:
         # frozen dataclass: the size-dependent defaults are resolved once, here
@@ -101,6 +105,8 @@ class SyntheticOptions:
             (self.seed >= 0, "seed must be >= 0"),
             (self.num_distractors >= 0 and self.num_junk >= 0, "num_distractors and num_junk must be >= 0"),
             (self.num_ids <= 9999, "num_ids must be <= 9999 (four-digit pids)"),
+            (0 <= self.mislabeled_percent < 100, "mislabeled_percent must be in 0..99"),
+            (self.mislabeled_percent == 0 or self.num_ids >= 4, "label noise needs 2 training ids: num_ids >= 4"),
         )
         for ok, message in checks:
             if not ok:
@@ -108,9 +114,11 @@ class SyntheticOptions:
 
     @property
     def folder_name(self) -> str:
+        # clean data keeps the name it had before label noise existed, so its folders are reused
+        noise = f"-m{self.mislabeled_percent}" if self.mislabeled_percent else ""
         return (
             f"synthetic-v{GENERATOR_VERSION}-i{self.num_ids}-c{self.num_cameras}-n{self.images_per_id}"
-            f"-{self.height}x{self.width}-d{self.num_distractors}-j{self.num_junk}-s{self.seed}"
+            f"-{self.height}x{self.width}-d{self.num_distractors}-j{self.num_junk}-s{self.seed}{noise}"
         )
 
     @property
@@ -585,6 +593,16 @@ def _assign_cameras(seed: int, pid: int, num_cameras: int, images_per_id: int) -
     return [int(camera) for camera in rng.permutation(assignment)]
 
 
+def _shown_identity(seed: int, pid: int, index: int, num_train_ids: int, mislabeled_percent: int) -> int:
+    """The pid whose person image ``index`` of training identity ``pid`` shows: ``pid`` itself, or (label
+    noise) another training identity, drawn uniformly, for ``mislabeled_percent`` % of the images."""
+    rng = np.random.default_rng([seed, _STREAM_MISLABEL, pid, index])
+    if rng.random() * 100 >= mislabeled_percent:
+        return pid
+    other = int(rng.integers(1, num_train_ids))  # 1..num_train_ids − 1, then skip pid itself
+    return other + (other >= pid)
+
+
 def _market_name(pid: int, camera: int, index: int) -> str:
     # Junk is named "-1_c..." in Market-1501, not "-001_c...".
     pid_text = "-1" if pid == -1 else f"{pid:04d}"
@@ -602,13 +620,17 @@ def _write_dataset(folder: Path, options: SyntheticOptions) -> None:
         subfolder.mkdir()
     seed, height, width = options.seed, options.height, options.width
     cameras = {camera: _camera(seed, camera) for camera in range(1, options.num_cameras + 1)}
-    for pid, identity in enumerate(draw_identities(options.num_ids, seed), start=1):
+    identities = draw_identities(options.num_ids, seed)
+    for pid in range(1, options.num_ids + 1):
         is_train = pid <= options.num_train_ids
         queried_cameras: set[int] = set()
         image_cameras = _assign_cameras(seed, pid, options.num_cameras, options.images_per_id)
         for index, camera in enumerate(image_cameras):
+            shown = pid
+            if is_train and options.mislabeled_percent:
+                shown = _shown_identity(seed, pid, index, options.num_train_ids, options.mislabeled_percent)
             rng = np.random.default_rng([seed, _STREAM_IMAGE, pid, index])
-            picture = _identity_image(identity, cameras[camera], rng, height, width)
+            picture = _identity_image(identities[shown - 1], cameras[camera], rng, height, width)
             if is_train:
                 subfolder = train_dir
             elif camera not in queried_cameras:  # the first image of each camera is its query
@@ -710,12 +732,14 @@ def generate_synthetic(
     seed: int = 0,
     num_distractors: int | None = None,
     num_junk: int | None = None,
+    mislabeled_percent: int = 0,
 ) -> Path:
     """Write the synthetic dataset to ``out_dir`` (the dataset folder itself) unless it is already complete.
 
     ``num_ids`` identities (pids 1..num_ids; the first half train, the rest test), ``images_per_id``
     images each over 2..``num_cameras`` cameras, ``height`` × ``width`` JPEGs, plus ``num_distractors``
-    (pid 0; default num_ids // 2) and ``num_junk`` (pid −1; default num_ids // 4) gallery images.
+    (pid 0; default num_ids // 2) and ``num_junk`` (pid −1; default num_ids // 4) gallery images;
+    ``mislabeled_percent`` % of the training images show another training identity (label noise).
     Returns ``out_dir``.
     """
     options = SyntheticOptions(
@@ -727,6 +751,7 @@ def generate_synthetic(
         seed=seed,
         num_distractors=num_distractors,
         num_junk=num_junk,
+        mislabeled_percent=mislabeled_percent,
     )
     out_dir = Path(out_dir).expanduser().absolute()
     if is_complete(out_dir):

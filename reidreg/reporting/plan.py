@@ -37,6 +37,23 @@ def unused_seeds(runs: list[Run], count: int) -> list[int]:
     return seeds
 
 
+def _consecutive(seeds: list[int]) -> bool:
+    """Three or more seeds that follow each other: written as a range, not a list of hundreds."""
+    return len(seeds) >= 3 and seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+
+
+def seed_sweep(seeds: list[int]) -> str:
+    """The ``seed=`` override sweeping ``seeds``: Hydra's ``range(first,stop)`` for consecutive ones."""
+    if _consecutive(seeds):
+        return f"seed=range({seeds[0]},{seeds[-1] + 1})"
+    return "seed=" + ",".join(map(str, seeds))
+
+
+def seed_list(seeds: list[int]) -> str:
+    """``seeds`` in words: ``3–157`` for consecutive ones, else ``3, 5, 6``."""
+    return f"{seeds[0]}–{seeds[-1]}" if _consecutive(seeds) else ", ".join(map(str, seeds))
+
+
 def train_command(row: Row, seeds: list[int]) -> str:
     """``python -m reidreg.train -m <the method's launch options and overrides> seed=<seeds>``."""
     run = row.launched[0]
@@ -44,7 +61,7 @@ def train_command(row: Row, seeds: list[int]) -> str:
     if not run.overrides:
         overrides = [f"regularizer={run.regularizer}"]  # not launched by Hydra: only the regularizer is known
     return " ".join(
-        ["python -m reidreg.train -m", *run.launch, *overrides, "seed=" + ",".join(map(str, seeds))]
+        ["python -m reidreg.train -m", *run.launch, *overrides, seed_sweep(seeds)]
     )
 
 
@@ -65,7 +82,7 @@ def plan_section(rows: list[Row], runs: list[Run]) -> str:
                 continue
             role = "baseline, to pair with every new seed" if row is reference else f"vs {row.baseline}"
             lines.append(
-                f"- {row.method} on {dataset} ({role}): {count} seed(s), {', '.join(map(str, new[:count]))}"
+                f"- {row.method} on {dataset} ({role}): {count} seed(s), {seed_list(new[:count])}"
             )
             lines.append(f"  `{train_command(row, new[:count])}`")
     lines.append(
