@@ -146,15 +146,14 @@ def test_label_noise_redraws_only_the_chosen_training_images(tmp_path: Path, tin
     def pixels(path: Path) -> np.ndarray:
         return np.asarray(Image.open(path), dtype=np.float32)
 
-    # a mislabeled image is another identity's image: the same draw (pose, camera, background) of the
-    # person of another pid, so its pixels differ from the clean image most on the body
+    # a mislabeled image is the same draw (pose, camera, background) of another training pid's person
     num_train = TINY.num_train_ids
     for name in sorted(changed):
         pid, index = int(Path(name).name[:4]), (int(Path(name).name.split("_")[2]) - 1) // 25
         shown = synthetic._shown_identity(TINY.seed, pid, index, num_train, 40)
         assert shown != pid and 1 <= shown <= num_train
         assert np.abs(pixels(noisy / name) - pixels(clean / name)).mean() > 1.0
-    # the draw is per image: the same share again with another seed, and (pid, index) pairs agree
+    # over many images the drawn share matches the option (25 % of 2,000 draws)
     draws = [synthetic._shown_identity(0, pid, index, 50, 25) for pid in range(1, 51) for index in range(40)]
     assert 0.22 < np.mean([shown != pid for shown, pid in zip(draws, np.repeat(range(1, 51), 40))]) < 0.28
 

@@ -626,9 +626,8 @@ def _write_dataset(folder: Path, options: SyntheticOptions) -> None:
         queried_cameras: set[int] = set()
         image_cameras = _assign_cameras(seed, pid, options.num_cameras, options.images_per_id)
         for index, camera in enumerate(image_cameras):
-            shown = pid
-            if is_train and options.mislabeled_percent:
-                shown = _shown_identity(seed, pid, index, options.num_train_ids, options.mislabeled_percent)
+            noise = options.mislabeled_percent if is_train else 0
+            shown = _shown_identity(seed, pid, index, options.num_train_ids, noise)
             rng = np.random.default_rng([seed, _STREAM_IMAGE, pid, index])
             picture = _identity_image(identities[shown - 1], cameras[camera], rng, height, width)
             if is_train:
