@@ -319,7 +319,7 @@ def test_choices_match_lightning_and_reidreg():
     from pytorch_lightning.accelerators import AcceleratorRegistry
     from pytorch_lightning.strategies import StrategyRegistry
 
-    from reidreg.data.datasets import _DATASET_OPTIONS
+    from reidreg.data.datasets import DATASET_NAMES
     from reidreg.training.module import REPORTED_METRICS
 
     lightning_precisions = {*get_args(_PRECISION_INPUT_INT), *get_args(_PRECISION_INPUT_STR)}
@@ -328,7 +328,7 @@ def test_choices_match_lightning_and_reidreg():
     assert set(ACCELERATORS) == set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"}
     assert set(STRATEGIES) == set(StrategyRegistry.available_strategies()) | {"auto"}
     assert tuple(f"val/{metric}" for metric in REPORTED_METRICS) == MONITORED
-    assert tuple(_DATASET_OPTIONS) == DATASETS
+    assert DATASET_NAMES == DATASETS
 
 
 def keys_and_nodes(cfg: DictConfig) -> set[str]:

@@ -271,23 +271,14 @@ def _load_synthetic(root: Path, options: dict[str, object]) -> ReIDDataset:
     return _load_market_style("synthetic", folder, spec)
 
 
-_DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
+# The options of the real datasets. The synthetic set's options are its generator's fields, checked by
+# ``resolve_synthetic_options`` (listing them here too would be a second copy to keep in step).
+_REAL_DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
     "market1501": (),
     "dukemtmc": (),
     "msmt17": ("combine_val",),
-    "synthetic": (
-        "preset",
-        "num_ids",
-        "num_cameras",
-        "images_per_id",
-        "height",
-        "width",
-        "seed",
-        "num_distractors",
-        "num_junk",
-        "mislabeled_percent",
-    ),
 }
+DATASET_NAMES: tuple[str, ...] = (*_REAL_DATASET_OPTIONS, "synthetic")
 
 
 def build_dataset(name: str, root: str | Path, *, verbose: bool = True, **options: object) -> ReIDDataset:
@@ -299,11 +290,11 @@ def build_dataset(name: str, root: str | Path, *, verbose: bool = True, **option
     Raises ``ValueError`` for an unknown name or option and :class:`DatasetError` for layout problems.
     """
     key = name.lower()
-    if key not in _DATASET_OPTIONS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(_DATASET_OPTIONS)}")
-    unknown = sorted(set(options) - set(_DATASET_OPTIONS[key]))
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+    unknown = sorted(set(options) - set(_REAL_DATASET_OPTIONS[key])) if key != "synthetic" else []
     if unknown:
-        allowed = ", ".join(_DATASET_OPTIONS[key]) or "none"
+        allowed = ", ".join(_REAL_DATASET_OPTIONS[key]) or "none"
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for dataset {key!r}; allowed: {allowed}")
     root = Path(root).expanduser()
     if key == "market1501":

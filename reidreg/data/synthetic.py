@@ -106,7 +106,10 @@ class SyntheticOptions:
             (self.num_distractors >= 0 and self.num_junk >= 0, "num_distractors and num_junk must be >= 0"),
             (self.num_ids <= 9999, "num_ids must be <= 9999 (four-digit pids)"),
             (0 <= self.mislabeled_percent < 100, "mislabeled_percent must be in 0..99"),
-            (self.mislabeled_percent == 0 or self.num_ids >= 4, "label noise needs 2 training ids: num_ids >= 4"),
+            (
+                self.mislabeled_percent == 0 or self.num_ids >= 4,
+                "label noise needs 2 training ids: num_ids >= 4",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -144,7 +147,9 @@ def resolve_synthetic_options(preset: str = "quickstart", **overrides: int) -> S
     allowed = [option.name for option in dataclasses.fields(SyntheticOptions)]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown synthetic option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        raise ValueError(
+            f"unknown synthetic option(s) {', '.join(unknown)}; allowed: preset, {', '.join(allowed)}"
+        )
     return SyntheticOptions(**{**PRESETS[preset], **overrides})
 
 

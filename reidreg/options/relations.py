@@ -24,13 +24,13 @@ def dataset_options_problems(valid: Mapping[str, Any]) -> list[str]:
         return []
     name, options = valid["dataset.name"], valid["dataset.options"]
     if name != "synthetic":
-        from reidreg.data.datasets import _DATASET_OPTIONS  # standard library only
+        from reidreg.data.datasets import _REAL_DATASET_OPTIONS  # standard library only
 
-        known = [f"dataset.options.{key}" for key in _DATASET_OPTIONS[name]]
+        known = [f"dataset.options.{key}" for key in _REAL_DATASET_OPTIONS[name]]
         return [
             unknown_option(f"dataset.options.{key}", known)
             for key in options
-            if key not in _DATASET_OPTIONS[name]
+            if key not in _REAL_DATASET_OPTIONS[name]
         ]
     from reidreg.data.synthetic import resolve_synthetic_options  # numpy and PIL, no torch
 

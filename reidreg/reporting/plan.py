@@ -60,9 +60,7 @@ def train_command(row: Row, seeds: list[int]) -> str:
     overrides = [o for o in run.overrides if not o.lstrip("+~").startswith(("seed=", "hydra."))]
     if not run.overrides:
         overrides = [f"regularizer={run.regularizer}"]  # not launched by Hydra: only the regularizer is known
-    return " ".join(
-        ["python -m reidreg.train -m", *run.launch, *overrides, seed_sweep(seeds)]
-    )
+    return " ".join(["python -m reidreg.train -m", *run.launch, *overrides, seed_sweep(seeds)])
 
 
 def plan_section(rows: list[Row], runs: list[Run]) -> str:
@@ -81,9 +79,7 @@ def plan_section(rows: list[Row], runs: list[Run]) -> str:
             if not count:
                 continue
             role = "baseline, to pair with every new seed" if row is reference else f"vs {row.baseline}"
-            lines.append(
-                f"- {row.method} on {dataset} ({role}): {count} seed(s), {seed_list(new[:count])}"
-            )
+            lines.append(f"- {row.method} on {dataset} ({role}): {count} seed(s), {seed_list(new[:count])}")
             lines.append(f"  `{train_command(row, new[:count])}`")
     lines.append(
         "\nEach command starts a new multirun; report it together with this study "
