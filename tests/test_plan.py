@@ -1,6 +1,7 @@
 """``reidreg.report --plan``: the seeds to add and the reidreg.train command, on a fabricated study."""
 
 import csv
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,41 @@ def test_plan_prints_new_seeds_and_the_command_per_method(tmp_path, capsys):
     wanted = int(adaptive.split(": ")[1].split(" ")[0])
     assert wanted > 100  # a d_z of 0.2 needs about 200 pairs
     # hundreds of new seeds are a Hydra range, not a list
-    assert f"`{prefix} regularizer=adaptive_l2 dataset=synthetic seed=range(4,{4 + wanted})`" in plan
+    assert f"`{prefix} regularizer=adaptive_l2 dataset=synthetic 'seed=range(4,{4 + wanted})'`" in plan
     assert f": {wanted} seed(s), 4–{3 + wanted}" in adaptive
     baseline = next(line for line in plan.splitlines() if line.startswith("- none"))
     assert f": {wanted} seed(s)" in baseline  # the baseline pairs with the most demanding comparison
-    assert f"`{prefix} regularizer=none dataset=synthetic seed=range(4,{4 + wanted})`" in plan
+    assert f"`{prefix} regularizer=none dataset=synthetic 'seed=range(4,{4 + wanted})'`" in plan
+
+
+def test_plan_commands_reach_hydra_as_written_when_pasted_into_bash(tmp_path, capsys):
+    """Unquoted, ``seed=range(4,9)`` is a bash syntax error and ``regularizer=[a,b]`` a glob pattern."""
+    sweep = _study(tmp_path)
+    for run_dir in sweep.iterdir():  # a combination of regularizers, as a user would sweep it
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text())
+        overrides_file.write_text(yaml.safe_dump([*overrides, "regularizer.sgsl.lam=[0.1,0.2]"]))
+    (tmp_path / "regularizer.sgsl.lam=0").touch()  # a file that the unquoted pattern would match
+    assert main([str(sweep), "--no-plots", "--plan", "--bootstrap-samples", "100"]) == 0
+    plan = capsys.readouterr().out.split("## Plan")[1]
+    commands = [line.strip().strip("`") for line in plan.splitlines() if line.startswith("  `python")]
+    assert len(commands) == 3
+    seed_arguments = []
+    for command in commands:
+        pasted = subprocess.run(
+            ["bash", "-c", f'set -- {command}; printf "%s\\n" "$@"'],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        arguments = pasted.stdout.splitlines()
+        assert arguments[:4] == ["python", "-m", "reidreg.train", "-m"], command
+        assert "regularizer.sgsl.lam=[0.1,0.2]" in arguments, command
+        seed_arguments.append(arguments[-1])
+    # sgsl needs one more seed; adaptive_l2 and its baseline hundreds, as a range
+    one, *ranges = sorted(seed_arguments)
+    assert one == "seed=4" and ranges[0].startswith("seed=range(4,") and ranges[0] == ranges[1]
 
 
 def test_seed_sweeps_are_ranges_only_for_three_or_more_consecutive_seeds():

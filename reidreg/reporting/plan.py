@@ -10,6 +10,7 @@ method's own overrides (``.hydra/overrides.yaml``) and study file, with only ``s
 from __future__ import annotations
 
 import json
+import shlex
 
 from reidreg.reporting.gather import Run
 from reidreg.reporting.sequential import CONTINUE
@@ -55,12 +56,13 @@ def seed_list(seeds: list[int]) -> str:
 
 
 def train_command(row: Row, seeds: list[int]) -> str:
-    """``python -m reidreg.train -m <the method's launch options and overrides> seed=<seeds>``."""
+    """``python -m reidreg.train -m <the method's launch options and overrides> seed=<seeds>``, quoted for
+    the shell it is pasted into (``range(a,b)`` and ``[a,b]`` are bash syntax unquoted)."""
     run = row.launched[0]
     overrides = [o for o in run.overrides if not o.lstrip("+~").startswith(("seed=", "hydra."))]
     if not run.overrides:
         overrides = [f"regularizer={run.regularizer}"]  # not launched by Hydra: only the regularizer is known
-    return " ".join(["python -m reidreg.train -m", *run.launch, *overrides, seed_sweep(seeds)])
+    return shlex.join(["python", "-m", "reidreg.train", "-m", *run.launch, *overrides, seed_sweep(seeds)])
 
 
 def plan_section(rows: list[Row], runs: list[Run]) -> str:
