@@ -118,8 +118,10 @@ def _module(command: str) -> str | None:
 
 
 def _first_sweep_values(command: str) -> str:
-    """A ``-m`` sweep as one job: ``-m`` dropped, each ``key=a,b,c`` cut to ``key=a`` (lists in [] kept)."""
+    """A ``-m`` sweep as one job: ``-m`` dropped, each ``key=a,b,c`` and ``'key=range(a,b)'`` cut to
+    ``key=a`` (lists in [] kept)."""
     command = re.sub(r"\s-m(?=\s+(?!reidreg\.))", "", command)
+    command = re.sub(r"'?([\w./+~-]+=)range\((-?\d+),[^)]*\)'?", r"\1\2", command)
     return re.sub(r"(?<=\s)([\w./+~-]+=)([^\s\[\]'\",]+),[^\s\[\]'\"]+", r"\1\2", command)
 
 
@@ -230,6 +232,9 @@ def test_the_convention_parses_markers_placeholders_and_sweeps(tmp_path):
     )
     assert compose_form(compose.commands[0]) == (
         "python -m reidreg.train regularizer=none 'regularizer=[a,b]' seed=0 --cfg job"
+    )
+    assert compose_form("python -m reidreg.train -m 'seed=range(3,15)' x=1") == (
+        "python -m reidreg.train seed=3 x=1 --cfg job"
     )
     assert run.commands == ("python -m reidreg.train a=1 b=2", "make test")
     assert _with_overrides(run.commands[0], run.text).endswith("b=2 trainer.fast_dev_run=true")
