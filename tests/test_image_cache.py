@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -233,7 +234,65 @@ def test_a_failed_node_build_leaves_nothing_in_shared_memory(image_files, tmp_pa
             shared_dir=shared_dir,
         )
     assert len(barriers) == (1 if corrupt_image else 2)
-    assert list(shared_dir.iterdir()) == []
+    # no cache file; only the builds' empty lock file stays
+    assert [path.name for path in shared_dir.iterdir()] == ["reidreg-image-cache-folder.lock"]
+    assert (shared_dir / "reidreg-image-cache-folder.lock").stat().st_size == 0
+
+
+def test_the_next_node_build_removes_the_file_of_a_killed_build_and_keeps_a_live_one(
+    image_files, tmp_path: Path
+) -> None:
+    """Local rank 0 killed (SIGKILL) mid-build cannot unlink its cache file; the next build on the node
+    removes it, and leaves the file of a build still running."""
+    paths, _ = image_files
+    images = Path(paths[0]).parent
+    shared_dir = tmp_path / "shm"
+    shared_dir.mkdir()
+
+    def stalled_build(name: str) -> subprocess.Popen:
+        ready = tmp_path / f"{name}.ready"
+        build = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.stalled_cache_build",
+                name,
+                str(images),
+                str(shared_dir),
+                str(ready),
+            ],
+            cwd=REPO,
+        )
+        deadline = time.monotonic() + 60
+        while not ready.exists() and build.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the build did not start decoding"
+        return build
+
+    killed, live = stalled_build("killed"), stalled_build("live")
+    try:
+        killed.kill()
+        killed.wait(timeout=30)
+        cache_files = sorted(path.name for path in shared_dir.glob("*.u8"))
+        assert cache_files == ["reidreg-image-cache-killed.u8", "reidreg-image-cache-live.u8"]
+        cache = ImageCache.build_per_node(
+            paths,
+            height=H,
+            width=W,
+            read=read_image,
+            name="next",
+            local_rank=0,
+            barrier=lambda: None,
+            budget=PLENTY,
+            shared_dir=shared_dir,
+        )
+        expected = ImageCache.build(paths, height=H, width=W, read=read_image, budget=PLENTY).images
+        assert torch.equal(cache.images, expected)
+        # the killed build's file is gone, the live one's kept, and the new build's own unlinked
+        assert sorted(path.name for path in shared_dir.glob("*.u8")) == ["reidreg-image-cache-live.u8"]
+    finally:
+        live.kill()
+        live.wait(timeout=30)
 
 
 @pytest.mark.parametrize("pipeline", ["gpu", "auto"])

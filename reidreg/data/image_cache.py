@@ -13,7 +13,9 @@ a training batch is an index into memory plus the batch augmentation (``reidreg.
 * Built once per node under DDP (``ImageCache.build_per_node``): the node's local rank 0 decodes into a
   file in ``/dev/shm`` that every local rank maps (``torch.from_file(..., shared=True)``); once all have
   mapped it the file is unlinked, so the memory is freed when the last rank exits, even after a SIGKILL.
-  The memory check counts that one copy, in RAM and in ``/dev/shm``.
+  The memory check counts that one copy, in RAM and in ``/dev/shm``. While it builds, rank 0 holds a lock
+  on the file, which the kernel drops when the process dies: the next build on the node removes the files
+  of builders killed before the unlink (``_claim_cache_file``).
 * Its size (N·3·H·W bytes: 147 KiB per image at 384×128, 1.8 GiB for Market-1501, 4.5 GiB for MSMT17)
   is checked against the available memory *before* anything is decoded: ``CacheTooLargeError`` (a
   ``ConfigError``) says how much is needed and available and what to do; it never falls back silently.
@@ -21,11 +23,13 @@ a training batch is an index into memory plus the batch augmentation (``reidreg.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +50,7 @@ GIB = 2**30
 DEFAULT_MAX_MEMORY_FRACTION = 0.5
 #: Where a node's ranks share the cache (RAM-backed on Linux).
 SHARED_MEMORY_DIR = Path("/dev/shm")
+NODE_CACHE_PREFIX = "reidreg-image-cache-"
 
 
 class CacheTooLargeError(ConfigError):
@@ -183,14 +188,13 @@ class ImageCache:
             uses_shared_memory=True,
             max_memory_fraction=max_memory_fraction,
         )
-        path = shared_dir / f"reidreg-image-cache-{name}.u8"
+        path = shared_dir / f"{NODE_CACHE_PREFIX}{name}.u8"
         shape = (len(paths), 3, height, width)
         barrier()  # every rank has checked the free memory before the first byte is written
-        if local_rank == 0:
-            path.unlink(missing_ok=True)  # left by a killed job that had the same name
-            images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
+        owner = _claim_cache_file(path) if local_rank == 0 else None
         try:
             if local_rank == 0:
+                images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
                 _decode_into(images, paths, read=read)
             barrier()
             if local_rank != 0:
@@ -199,8 +203,9 @@ class ImageCache:
         finally:
             # Done: the mappings stay valid and the memory goes with the last of them. Failed (a corrupt
             # image, a rank that died before mapping): the job is over, so no gigabytes stay in /dev/shm.
-            if local_rank == 0:
+            if owner is not None:
                 path.unlink(missing_ok=True)
+                os.close(owner)
         return cls(images)
 
     def __len__(self) -> int:
@@ -209,6 +214,46 @@ class ImageCache:
     @property
     def nbytes(self) -> int:
         return self.images.numel()
+
+
+def _claim_cache_file(path: Path) -> int:
+    """Create the node cache file ``path`` and return a descriptor holding a shared lock on it until the
+    build ends. The kernel drops a lock when its process dies, SIGKILL included, so a cache file nobody
+    locks was left by a killed build: those are removed first (their gigabytes would stay in RAM until a
+    reboot). Both happen under the folder's lock file, so a build never sees another's file unlocked."""
+    with _exclusive_lock(path.parent / f"{NODE_CACHE_PREFIX}folder.lock"):
+        for cache_file in path.parent.glob(f"{NODE_CACHE_PREFIX}*.u8"):
+            _remove_if_abandoned(cache_file)
+        owner = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        fcntl.flock(owner, fcntl.LOCK_SH)
+    return owner
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_file: Path) -> Iterator[None]:
+    descriptor = os.open(lock_file, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's works too
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _remove_if_abandoned(cache_file: Path) -> None:
+    """Remove ``cache_file`` unless a live build holds its lock (files one may not read or remove, such
+    as another user's, are left alone)."""
+    try:
+        descriptor = os.open(cache_file, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        log.info("removing %s, left by a killed image cache build", cache_file)
+        cache_file.unlink()
+    except OSError:  # locked: a live build (BlockingIOError); or not ours to remove
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _decode_into(
