@@ -368,6 +368,22 @@ def test_a_validation_hold_out_with_some_unmatched_queries_warns(
     )
 
 
+@pytest.mark.parametrize("mislabeled_percent", [0, 30])
+def test_a_hold_out_of_noisy_synthetic_identities_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mislabeled_percent: int
+) -> None:
+    options = {"preset": "tiny", "mislabeled_percent": mislabeled_percent}
+    data = ReIDDataModule(
+        dataset="synthetic", root=str(tmp_path), dataset_options=options, val_identities=2, num_workers=0
+    )
+    data.load()
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    noisy = [message for message in warnings if "carry the same label noise" in message]
+    assert len(noisy) == (1 if mislabeled_percent else 0), warnings
+    if mislabeled_percent:
+        assert noisy[0].startswith("data.val_identities=2 with dataset.options.mislabeled_percent=30: ")
+
+
 @pytest.mark.parametrize("role", ["query", "gallery"])
 def test_an_empty_query_or_gallery_set_is_refused(role: str) -> None:
     sample = ("a.jpg", 1, 0)

@@ -308,6 +308,18 @@ class ReIDDataModule(pl.LightningDataModule):
                     error=ConfigError,
                     fix="hold out more identities, or set data.val_identities=0 to train without validation.",
                 )
+                noise = self.dataset_options.get("mislabeled_percent", 0)
+                if self.dataset_name == "synthetic" and noise:
+                    log.warning(
+                        "data.val_identities=%s with dataset.options.mislabeled_percent=%s: the held-out "
+                        "identities carry the same label noise (%s %% of their images show another "
+                        "identity), so validation mAP and best.ckpt are chosen on noisy labels; test the "
+                        "final weights (data.val_identities=0, as experiment=overfit_small does) or "
+                        "checkpoints/last.ckpt",
+                        self.val_identities,
+                        noise,
+                        noise,
+                    )
             else:
                 self.val_query, self.val_gallery = [], []
             self.train_samples, self.dataset = train, dataset
