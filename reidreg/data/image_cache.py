@@ -15,7 +15,7 @@ a training batch is an index into memory plus the batch augmentation (``reidreg.
   mapped it the file is unlinked, so the memory is freed when the last rank exits, even after a SIGKILL.
   The memory check counts that one copy, in RAM and in ``/dev/shm``. While it builds, rank 0 holds a lock
   on the file, which the kernel drops when the process dies: the next build on the node removes the files
-  of builders killed before the unlink (``_claim_cache_file``).
+  of builders killed before the unlink (``_remove_abandoned_cache_files``).
 * Its size (N·3·H·W bytes: 147 KiB per image at 384×128, 1.8 GiB for Market-1501, 4.5 GiB for MSMT17)
   is checked against the available memory *before* anything is decoded: ``CacheTooLargeError`` (a
   ``ConfigError``) says how much is needed and available and what to do; it never falls back silently.
@@ -181,6 +181,8 @@ class ImageCache:
         the other local ranks map that file. Every local rank calls this with the same ``name`` (unique to
         the live job on this node) and ``barrier`` (all the job's ranks, e.g. the strategy's). The size check
         counts one copy, in RAM and in ``shared_dir``; all ranks check before any rank writes."""
+        if shared_dir.is_dir():
+            _remove_abandoned_cache_files(shared_dir)  # before the memory check: their space is free again
         nbytes = cache_nbytes(len(paths), height, width)
         check_cache_fits(
             nbytes,
@@ -191,7 +193,7 @@ class ImageCache:
         path = shared_dir / f"{NODE_CACHE_PREFIX}{name}.u8"
         shape = (len(paths), 3, height, width)
         barrier()  # every rank has checked the free memory before the first byte is written
-        owner = _claim_cache_file(path) if local_rank == 0 else None
+        owner = _create_locked_cache_file(path) if local_rank == 0 else None
         try:
             if local_rank == 0:
                 images = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
@@ -216,14 +218,19 @@ class ImageCache:
         return self.images.numel()
 
 
-def _claim_cache_file(path: Path) -> int:
-    """Create the node cache file ``path`` and return a descriptor holding a shared lock on it until the
-    build ends. The kernel drops a lock when its process dies, SIGKILL included, so a cache file nobody
-    locks was left by a killed build: those are removed first (their gigabytes would stay in RAM until a
-    reboot). Both happen under the folder's lock file, so a build never sees another's file unlocked."""
-    with _exclusive_lock(path.parent / f"{NODE_CACHE_PREFIX}folder.lock"):
-        for cache_file in path.parent.glob(f"{NODE_CACHE_PREFIX}*.u8"):
+def _remove_abandoned_cache_files(folder: Path) -> None:
+    """Remove the node cache files in ``folder`` that no build holds a lock on: the kernel drops a lock
+    when its process dies, SIGKILL included, so those were left by killed builds (their gigabytes would
+    stay in RAM until a reboot). Any rank may do this: a live build's file is locked."""
+    with _exclusive_lock(folder / f"{NODE_CACHE_PREFIX}folder.lock"):
+        for cache_file in folder.glob(f"{NODE_CACHE_PREFIX}*.u8"):
             _remove_if_abandoned(cache_file)
+
+
+def _create_locked_cache_file(path: Path) -> int:
+    """Create the node cache file ``path`` and return a descriptor holding a shared lock on it until the
+    build ends; under the folder's lock, so that no removal ever sees the new file before its lock."""
+    with _exclusive_lock(path.parent / f"{NODE_CACHE_PREFIX}folder.lock"):
         owner = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         fcntl.flock(owner, fcntl.LOCK_SH)
     return owner
@@ -248,8 +255,8 @@ def _remove_if_abandoned(cache_file: Path) -> None:
         return
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        log.info("removing %s, left by a killed image cache build", cache_file)
         cache_file.unlink()
+        log.info("removed %s, left by a killed image cache build", cache_file)
     except OSError:  # locked: a live build (BlockingIOError); or not ours to remove
         pass
     finally:
