@@ -74,9 +74,9 @@ def test_plan_prints_new_seeds_and_the_command_per_method(tmp_path, capsys):
 
 
 def test_plan_commands_reach_hydra_as_written_when_pasted_into_bash(tmp_path, capsys):
-    """Unquoted, ``seed=range(4,9)`` is a bash syntax error and ``regularizer=[a,b]`` a glob pattern."""
+    """Unquoted, ``seed=range(4,9)`` is a bash syntax error and ``key=[0.1,0.2]`` a glob pattern."""
     sweep = _study(tmp_path)
-    for run_dir in sweep.iterdir():  # a combination of regularizers, as a user would sweep it
+    for run_dir in sweep.iterdir():  # a list-valued option among the study's overrides
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text())
         overrides_file.write_text(yaml.safe_dump([*overrides, "regularizer.sgsl.lam=[0.1,0.2]"]))
