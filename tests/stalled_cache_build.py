@@ -1,6 +1,6 @@
 """A node's local rank 0 that stalls in the middle of its image cache build, for ``test_image_cache``:
 ``python -m tests.stalled_cache_build NAME IMAGES SHARED_DIR READY``. It creates the cache file in
-SHARED_DIR, decodes one image, touches READY and then waits to be killed."""
+SHARED_DIR and, at the first image it would decode, touches READY and waits to be killed."""
 
 from __future__ import annotations
 

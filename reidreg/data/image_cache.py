@@ -23,13 +23,12 @@ a training batch is an index into memory plus the batch augmentation (``reidreg.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch.utils.data import Dataset
 from reidreg.data.batch_augment import AugmentSpec, draw_augment_params
 from reidreg.data.transforms import resize_to_uint8
 from reidreg.errors import ConfigError
+from reidreg.utils.file_lock import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ DEFAULT_MAX_MEMORY_FRACTION = 0.5
 #: Where a node's ranks share the cache (RAM-backed on Linux).
 SHARED_MEMORY_DIR = Path("/dev/shm")
 NODE_CACHE_PREFIX = "reidreg-image-cache-"
+_FOLDER_LOCK = f"{NODE_CACHE_PREFIX}folder.lock"  # serialises the clean-up and the creation of cache files
 
 
 class CacheTooLargeError(ConfigError):
@@ -222,28 +223,19 @@ def _remove_abandoned_cache_files(folder: Path) -> None:
     """Remove the node cache files in ``folder`` that no build holds a lock on: the kernel drops a lock
     when its process dies, SIGKILL included, so those were left by killed builds (their gigabytes would
     stay in RAM until a reboot). Any rank may do this: a live build's file is locked."""
-    with _exclusive_lock(folder / f"{NODE_CACHE_PREFIX}folder.lock"):
-        for cache_file in folder.glob(f"{NODE_CACHE_PREFIX}*.u8"):
-            _remove_if_abandoned(cache_file)
+    with exclusive_lock(folder / _FOLDER_LOCK) as locked:
+        if locked:  # unlocked, a build's new file could be taken for an abandoned one
+            for cache_file in folder.glob(f"{NODE_CACHE_PREFIX}*.u8"):
+                _remove_if_abandoned(cache_file)
 
 
 def _create_locked_cache_file(path: Path) -> int:
     """Create the node cache file ``path`` and return a descriptor holding a shared lock on it until the
     build ends; under the folder's lock, so that no removal ever sees the new file before its lock."""
-    with _exclusive_lock(path.parent / f"{NODE_CACHE_PREFIX}folder.lock"):
+    with exclusive_lock(path.parent / _FOLDER_LOCK):
         owner = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         fcntl.flock(owner, fcntl.LOCK_SH)
     return owner
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_file: Path) -> Iterator[None]:
-    descriptor = os.open(lock_file, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's works too
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
 
 
 def _remove_if_abandoned(cache_file: Path) -> None:

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import json
 import logging
@@ -45,13 +44,14 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from reidreg.data.datasets import MARKET_SUBFOLDERS
+from reidreg.utils.file_lock import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -659,33 +659,6 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETION_MARKER).is_file()
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[bool]:
-    """Hold an exclusive flock on ``lock_path``, so only one generator works at a time; yields whether locked.
-
-    Without lock support (some network file systems) it goes on unlocked: publishing stays safe (see
-    :func:`_publish`), only the work may be done twice. The lock file stays: removing it would race. A lock
-    file created by another user may be read-only to us: flock works on a read-only descriptor too.
-    """
-    try:
-        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
-        lock_fd = os.open(lock_path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            locked = True
-        except OSError:
-            locked = False
-        try:
-            yield locked
-        finally:
-            if locked:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
-    finally:
-        os.close(lock_fd)
-
-
 def _remove_leftovers(final: Path) -> None:
     """Delete the temporary and stale folders of ``final`` left by generators that were killed.
 
@@ -762,7 +735,8 @@ def generate_synthetic(
         return out_dir
     new_parent = not out_dir.parent.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")) as locked:
+    # without lock support, publishing stays safe (see _publish); only the work may be done twice
+    with exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")) as locked:
         if is_complete(out_dir):  # another generator finished while we waited for the lock
             return out_dir
         if locked:
