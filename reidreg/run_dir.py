@@ -129,6 +129,10 @@ class RunLock:
     An exclusive ``flock`` on the lock file, held for the life of the process: the kernel releases it when
     the process ends in any way (a crash or SIGKILL included), so a lock is never stale. The file itself
     stays, holding the last owner's pid, host and start time for the message a second run gets.
+
+    A forked child (a DataLoader worker) closes its copy of the descriptor at once: an flock belongs to
+    every descriptor that shares it, so a worker that outlives a killed run by its few seconds of watchdog
+    interval would otherwise keep the directory locked and refuse the resume typed right after the kill.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -149,6 +153,7 @@ class RunLock:
         file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         file.flush()
         self._file = file
+        _HELD_LOCKS.add(self)
         return self
 
     def release(self) -> None:
@@ -160,12 +165,27 @@ class RunLock:
             self.path.parent.rmdir()
         self._file.close()  # closing the only descriptor releases the flock
         self._file = None
+        _HELD_LOCKS.discard(self)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
+
+
+_HELD_LOCKS: set[RunLock] = set()
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the run locks' descriptors (never ``LOCK_UN``: it would unlock the parent)."""
+    for lock in _HELD_LOCKS:
+        lock._file.close()
+        lock._file = None
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:

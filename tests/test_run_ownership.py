@@ -3,6 +3,7 @@ full disk. A refused command leaves the directory byte for byte as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -196,6 +197,42 @@ def test_a_second_lock_names_the_first_holder(tmp_path):
     with RunLock(tmp_path / "run"), pytest.raises(ConfigError, match=in_use):
         RunLock(tmp_path / "run").acquire()
     assert not (tmp_path / "run").exists()  # nothing but the lock was there: the folder goes with it
+
+
+# A run that holds its lock and a live DataLoader worker (persistent, forked, as ReIDDataModule has them).
+_RUN_WITH_A_WORKER = """
+import os, sys, time, torch
+from reidreg.run_dir import RunLock
+
+class Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10**6
+    def __getitem__(self, index):
+        return os.getpid()
+
+lock = RunLock(sys.argv[1]).acquire()
+loader = torch.utils.data.DataLoader(Pids(), num_workers=1, persistent_workers=True, batch_size=None)
+print(next(iter(loader)), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_run_frees_its_directory_at_once_though_its_loader_worker_lives_on(tmp_path):
+    run = subprocess.Popen(
+        [sys.executable, "-c", _RUN_WITH_A_WORKER, str(tmp_path / "run")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = int(run.stdout.readline())
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    try:
+        assert Path(f"/proc/{worker}").exists()  # an orphan for up to its watchdog's 5 s: the case in point
+        RunLock(tmp_path / "run").acquire().release()  # the resume typed right after the kill
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(
