@@ -10,6 +10,7 @@ import pytest
 from reidreg.data.datamodule import ReIDDataModule
 from reidreg.data.datasets import DatasetError, ReIDDataset, build_dataset
 from reidreg.data.split_check import check_split, queries_without_match
+from reidreg.data.synthetic import resolve_synthetic_options, shows_named_identity
 from reidreg.errors import ConfigError
 
 
@@ -368,20 +369,54 @@ def test_a_validation_hold_out_with_some_unmatched_queries_warns(
     )
 
 
-@pytest.mark.parametrize("mislabeled_percent", [0, 30])
-def test_a_hold_out_of_noisy_synthetic_identities_warns(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, mislabeled_percent: int
+@pytest.mark.parametrize(("mislabeled_percent", "drop"), [(0, False), (30, False), (30, True)])
+def test_a_hold_out_of_noisy_synthetic_identities_warns_unless_it_drops_the_wrong_labels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mislabeled_percent: int, drop: bool
 ) -> None:
     options = {"preset": "tiny", "mislabeled_percent": mislabeled_percent}
     data = ReIDDataModule(
-        dataset="synthetic", root=str(tmp_path), dataset_options=options, val_identities=2, num_workers=0
+        dataset="synthetic",
+        root=str(tmp_path),
+        dataset_options=options,
+        val_identities=2,
+        val_drop_mislabeled=drop,
+        num_workers=0,
     )
     data.load()
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    noisy = [message for message in warnings if "carry the same label noise" in message]
-    assert len(noisy) == (1 if mislabeled_percent else 0), warnings
-    if mislabeled_percent:
-        assert noisy[0].startswith("data.val_identities=2 with dataset.options.mislabeled_percent=30: ")
+    noisy = [message for message in warnings if "wrong labels" in message]
+    assert len(noisy) == (1 if mislabeled_percent and not drop else 0), warnings
+    if noisy:
+        assert noisy[0].startswith("data.val_identities=2 on synthetic data with 30 % wrong labels: ")
+        assert "data.val_drop_mislabeled=true" in noisy[0]
+
+
+def test_a_noisy_hold_out_can_keep_only_its_correctly_labelled_images(tmp_path: Path) -> None:
+    options = {"preset": "tiny", "mislabeled_percent": 30}
+
+    def hold_out(drop: bool) -> ReIDDataModule:
+        data = ReIDDataModule(
+            dataset="synthetic",
+            root=str(tmp_path),
+            dataset_options=options,
+            val_identities=3,
+            val_drop_mislabeled=drop,
+            num_workers=0,
+        )
+        data.load()
+        return data
+
+    noisy, clean = hold_out(False), hold_out(True)
+    truth = resolve_synthetic_options(**options)
+    held_out = set(noisy.val_query + noisy.val_gallery)
+    wrong = {sample for sample in held_out if not shows_named_identity(sample[0], truth)}
+    assert wrong  # the case in point: a plain hold-out of noisy identities has wrong labels
+    assert set(clean.val_query + clean.val_gallery) == held_out - wrong
+    assert clean.train_samples == noisy.train_samples  # the same identities held out: the same training set
+    # still one query per identity and camera
+    assert len(clean.val_query) == len({(pid, camid) for _, pid, camid in held_out - wrong})
+    with pytest.raises(ValueError, match="val_drop_mislabeled needs the synthetic dataset"):
+        ReIDDataModule(dataset="market1501", root=str(tmp_path), val_drop_mislabeled=True)
 
 
 @pytest.mark.parametrize("role", ["query", "gallery"])

@@ -284,6 +284,15 @@ def test_weight_decay_beside_an_l2_penalty_is_refused(tmp_path):
     validate_train_config(compose_config(tmp_path, "regularizer=sgp", "optim.optimizer.weight_decay=5e-4"))
 
 
+def test_dropping_wrong_validation_labels_needs_the_synthetic_dataset(tmp_path):
+    cfg = compose_train("dataset=market1501", "data.val_drop_mislabeled=true")
+    assert error_of(validate_train_config, cfg) == (
+        "data.val_drop_mislabeled=true: expected false with dataset=market1501 (only the synthetic dataset "
+        "knows which of its training labels are wrong)"
+    )
+    validate_train_config(compose_config(tmp_path, "data.val_drop_mislabeled=true"))
+
+
 def test_a_real_datasets_options_are_its_own():
     cfg = compose_train("dataset=msmt17", "+dataset.options.combine_vall=true")
     message = "unknown option dataset.options.combine_vall; did you mean dataset.options.combine_val?"

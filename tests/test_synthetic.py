@@ -30,6 +30,7 @@ from reidreg.data.synthetic import (
     is_complete,
     main,
     resolve_synthetic_options,
+    shows_named_identity,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +154,9 @@ def test_label_noise_redraws_only_the_chosen_training_images(tmp_path: Path, tin
         shown = synthetic._shown_identity(TINY.seed, pid, index, num_train, 40)
         assert shown != pid and 1 <= shown <= num_train
         assert np.abs(pixels(noisy / name) - pixels(clean / name)).mean() > 1.0
+    # the truth read back from the names is exactly the set of redrawn images
+    options = resolve_synthetic_options("tiny", mislabeled_percent=40)
+    assert {name for name in train if not shows_named_identity(noisy / name, options)} == changed
     # over many images the drawn share matches the option (25 % of 2,000 draws)
     draws = [synthetic._shown_identity(0, pid, index, 50, 25) for pid in range(1, 51) for index in range(40)]
     assert (

@@ -58,6 +58,7 @@ from reidreg.data.image_cache import (
 from reidreg.data.image_modes import read_rgb
 from reidreg.data.sampler import PKBatchSampler
 from reidreg.data.split_check import check_split
+from reidreg.data.synthetic import SyntheticOptions, resolve_synthetic_options, shows_named_identity
 from reidreg.data.transforms import TrainTransform, build_test_transform
 from reidreg.errors import ConfigError
 
@@ -193,13 +194,15 @@ class ShardSampler(Sampler[int]):
 
 
 def hold_out_identities(
-    train: Sequence[Sample], amount: float, seed: int
+    train: Sequence[Sample], amount: float, seed: int, *, keep: Callable[[Sample], bool] | None = None
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Split training identities into (train, val_query, val_gallery).
 
     ``amount`` is a count of identities (≥ 1) or a fraction (0 < amount < 1) of those seen in ≥ 2 cameras.
     Per held-out identity, one random image per camera is a query, the rest is gallery. The remaining
-    training identities are relabelled 0..N-1.
+    training identities are relabelled 0..N-1. ``keep``: only the held-out images it accepts are
+    validation images (the others are used nowhere); the identities held out and the random draws are the
+    same as without it.
     """
     by_pid: dict[int, list[Sample]] = {}
     for sample in train:
@@ -218,7 +221,7 @@ def hold_out_identities(
         items = list(by_pid[pid])
         rng.shuffle(items)
         seen_cameras: set[int] = set()
-        for sample in items:
+        for sample in (s for s in items if keep is None or keep(s)):
             (gallery if sample[2] in seen_cameras else query).append(sample)
             seen_cameras.add(sample[2])
     kept = sorted(pid for pid in by_pid if pid not in held_out)
@@ -248,6 +251,7 @@ class ReIDDataModule(pl.LightningDataModule):
         steps_per_epoch: int | None = None,
         skip_small_identities: bool = False,
         val_identities: float = 0.05,
+        val_drop_mislabeled: bool = False,
         batch_size_test: int = 128,
         num_workers: int = 2,
         pipeline: str = "auto",
@@ -276,6 +280,11 @@ class ReIDDataModule(pl.LightningDataModule):
         self.num_identities, self.num_instances = num_identities, num_instances
         self.steps_per_epoch, self.skip_small_identities = steps_per_epoch, skip_small_identities
         self.val_identities, self.batch_size_test = val_identities, batch_size_test
+        if val_drop_mislabeled and dataset != "synthetic":
+            raise ValueError(
+                "val_drop_mislabeled needs the synthetic dataset: only it knows its wrong labels"
+            )
+        self.val_drop_mislabeled = val_drop_mislabeled
         self.num_workers, self.seed, self.check_images = num_workers, seed, verify_images
         self.dataset: ReIDDataset | None = None
         #: SHA-256 of the images of train, query and gallery (``image_check.content_hash``): set by
@@ -299,7 +308,7 @@ class ReIDDataModule(pl.LightningDataModule):
             train = dataset.train
             if self.val_identities:
                 train, self.val_query, self.val_gallery = hold_out_identities(
-                    train, self.val_identities, self.seed
+                    train, self.val_identities, self.seed, keep=self._correctly_labeled()
                 )
                 check_split(
                     self.val_query,
@@ -308,22 +317,33 @@ class ReIDDataModule(pl.LightningDataModule):
                     error=ConfigError,
                     fix="hold out more identities, or set data.val_identities=0 to train without validation.",
                 )
-                noise = self.dataset_options.get("mislabeled_percent", 0)
-                if self.dataset_name == "synthetic" and noise:
+                noise = (
+                    self._synthetic_options().mislabeled_percent if self.dataset_name == "synthetic" else 0
+                )
+                if noise and not self.val_drop_mislabeled:
                     log.warning(
-                        "data.val_identities=%s with dataset.options.mislabeled_percent=%s: the held-out "
-                        "identities carry the same label noise (%s %% of their images show another "
-                        "identity), so validation mAP and best.ckpt are chosen on noisy labels; test the "
-                        "final weights (data.val_identities=0, as experiment=overfit_small does) or "
-                        "checkpoints/last.ckpt",
+                        "data.val_identities=%s on synthetic data with %s %% wrong labels: the held-out "
+                        "identities carry them too, so validation mAP and best.ckpt are chosen on noisy "
+                        "labels; data.val_drop_mislabeled=true validates on their correctly labelled images "
+                        "only, data.val_identities=0 tests the final weights (as experiment=overfit_small "
+                        "does)",
                         self.val_identities,
-                        noise,
                         noise,
                     )
             else:
                 self.val_query, self.val_gallery = [], []
             self.train_samples, self.dataset = train, dataset
         return self.dataset
+
+    def _synthetic_options(self) -> SyntheticOptions:
+        return resolve_synthetic_options(**self.dataset_options)
+
+    def _correctly_labeled(self) -> Callable[[Sample], bool] | None:
+        """With ``val_drop_mislabeled``: whether a training sample shows the identity its label says."""
+        if not self.val_drop_mislabeled:
+            return None
+        options = self._synthetic_options()
+        return lambda sample: shows_named_identity(sample[0], options)
 
     def configure_device(
         self, *, cuda: bool, pin_memory: bool, channels_last: bool, processes: int = 1

@@ -614,6 +614,16 @@ def _market_name(pid: int, camera: int, index: int) -> str:
     return f"{pid_text}_c{camera}s1_{25 * index + 1:06d}_01.jpg"
 
 
+def shows_named_identity(path: str | Path, options: SyntheticOptions) -> bool:
+    """Whether the training image ``path`` of the dataset ``options`` generated shows the identity its
+    name says (``False``: one of its ``mislabeled_percent`` % wrong labels). The generator's own draw,
+    recomputed from the name (``_market_name``): the truth needs no file beside the images."""
+    pid, _, frame, _ = Path(path).name.split("_")
+    return _shown_identity(
+        options.seed, int(pid), (int(frame) - 1) // 25, options.num_train_ids, options.mislabeled_percent
+    ) == int(pid)
+
+
 def _save(picture: Image.Image, path: Path, camera: _Camera) -> None:
     picture.save(path, format="JPEG", quality=camera.jpeg_quality)
 

@@ -2,8 +2,9 @@
 
 Each relation runs only when the options it reads passed their own rules (``valid``: key → value): the
 frozen-backbone epochs and ``trainer.max_epochs``, the triplet loss's P and K, the regional stripes and the
-image height; the trainer's topology and the launch environment (``reidreg.options.launch``); an FGSM
-attack is one step; an export file's suffix names its format.
+image height; dropping wrong validation labels needs synthetic data; the trainer's topology and the launch
+environment (``reidreg.options.launch``); an FGSM attack is one step; an export file's suffix names its
+format.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ def train_relation_problems(valid: Mapping[str, Any]) -> list[str]:
                 f"{rows} rows (height / {stride}), which cuts into {stripes_cut(rows, wanted)} stripes, not "
                 f"{wanted}; expected one of {', '.join(map(str, possible))} (or a larger data.height)"
             )
+    if (
+        valid.get("data.val_drop_mislabeled") is True
+        and valid.get("dataset.name", "synthetic") != "synthetic"
+    ):
+        problems.append(
+            f"data.val_drop_mislabeled=true: expected false with dataset={valid['dataset.name']} (only the "
+            "synthetic dataset knows which of its training labels are wrong)"
+        )
     return problems + launch_problems(valid)
 
 

@@ -99,6 +99,7 @@ TRAIN_OPTIONS: dict[str, Rule] = {
         number(gt=0, lt=1),
         expected="0 (no hold-out), a count of identities >= 1 or a fraction in (0, 1)",
     ),
+    "data.val_drop_mislabeled": boolean(),
     "data.batch_size_test": integer(min=1),
     "data.num_workers": integer(min=0),
     "data.verify_images": boolean(),
