@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from reidreg.errors import ConfigError
 from reidreg.evaluate import evaluate_checkpoint
+from reidreg.evaluation.checkpoint_eval import build_test_data
 from reidreg.train import train
 from reidreg.utils.config import register_resolvers
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, compose_config
 
 
 def _evaluate_config(tmp_path: Path, *overrides: str):
@@ -65,6 +67,16 @@ def test_cross_domain_evaluation_uses_the_other_dataset(tmp_path, trained_checkp
     assert results["dataset"] == "synthetic"
     assert results["rerank"] is True
     assert 0.0 <= results["test/mAP"] <= 1.0
+
+
+def test_a_run_that_dropped_wrong_validation_labels_can_be_tested_on_a_real_dataset(tmp_path):
+    run_config = OmegaConf.to_container(
+        compose_config(tmp_path, "dataset.options.mislabeled_percent=30", "data.val_drop_mislabeled=true"),
+        resolve=True,
+    )
+    cfg = _evaluate_config(tmp_path, "ckpt_path=run.ckpt", "dataset=market1501")
+    data = build_test_data(cfg, run_config)
+    assert (data.dataset_name, data.val_identities, data.val_drop_mislabeled) == ("market1501", 0, False)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

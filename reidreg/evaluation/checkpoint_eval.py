@@ -37,7 +37,11 @@ def build_test_data(cfg: DictConfig, run_config: dict[str, Any]) -> ReIDDataModu
         data["dataset"] = cfg.dataset.name
         data["dataset_options"] = OmegaConf.to_container(cfg.dataset.options)
     data.update(
-        root=cfg.paths.data_dir, val_identities=0, batch_size_test=cfg.batch_size, num_workers=cfg.num_workers
+        root=cfg.paths.data_dir,
+        val_identities=0,
+        val_drop_mislabeled=False,  # no hold-out here, and another test set may have no known wrong labels
+        batch_size_test=cfg.batch_size,
+        num_workers=cfg.num_workers,
     )
     return ReIDDataModule(**data)
 
