@@ -369,20 +369,27 @@ def test_a_validation_hold_out_with_some_unmatched_queries_warns(
     )
 
 
-@pytest.mark.parametrize(("mislabeled_percent", "drop"), [(0, False), (30, False), (30, True)])
-def test_a_hold_out_of_noisy_synthetic_identities_warns_unless_it_drops_the_wrong_labels(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, mislabeled_percent: int, drop: bool
-) -> None:
-    options = {"preset": "tiny", "mislabeled_percent": mislabeled_percent}
+def synthetic_hold_out(
+    root: Path, *, mislabeled_percent: int, val_identities: int, drop: bool
+) -> ReIDDataModule:
+    """The loaded data module of the tiny synthetic set with that label noise and hold-out."""
     data = ReIDDataModule(
         dataset="synthetic",
-        root=str(tmp_path),
-        dataset_options=options,
-        val_identities=2,
+        root=str(root),
+        dataset_options={"preset": "tiny", "mislabeled_percent": mislabeled_percent},
+        val_identities=val_identities,
         val_drop_mislabeled=drop,
         num_workers=0,
     )
     data.load()
+    return data
+
+
+@pytest.mark.parametrize(("mislabeled_percent", "drop"), [(0, False), (30, False), (30, True)])
+def test_a_hold_out_of_noisy_synthetic_identities_warns_unless_it_drops_the_wrong_labels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mislabeled_percent: int, drop: bool
+) -> None:
+    synthetic_hold_out(tmp_path, mislabeled_percent=mislabeled_percent, val_identities=2, drop=drop)
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     noisy = [message for message in warnings if "wrong labels" in message]
     assert len(noisy) == (1 if mislabeled_percent and not drop else 0), warnings
@@ -392,22 +399,11 @@ def test_a_hold_out_of_noisy_synthetic_identities_warns_unless_it_drops_the_wron
 
 
 def test_a_noisy_hold_out_can_keep_only_its_correctly_labelled_images(tmp_path: Path) -> None:
-    options = {"preset": "tiny", "mislabeled_percent": 30}
-
-    def hold_out(drop: bool) -> ReIDDataModule:
-        data = ReIDDataModule(
-            dataset="synthetic",
-            root=str(tmp_path),
-            dataset_options=options,
-            val_identities=3,
-            val_drop_mislabeled=drop,
-            num_workers=0,
-        )
-        data.load()
-        return data
-
-    noisy, clean = hold_out(False), hold_out(True)
-    truth = resolve_synthetic_options(**options)
+    noisy, clean = (
+        synthetic_hold_out(tmp_path, mislabeled_percent=30, val_identities=3, drop=drop)
+        for drop in (False, True)
+    )
+    truth = resolve_synthetic_options("tiny", mislabeled_percent=30)
     held_out = set(noisy.val_query + noisy.val_gallery)
     wrong = {sample for sample in held_out if not shows_named_identity(sample[0], truth)}
     assert wrong  # the case in point: a plain hold-out of noisy identities has wrong labels
